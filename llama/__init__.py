@@ -1,0 +1,7 @@
+"""Llama 3 inference: Meta's checkpoints on any number of processes, CPU or GPU."""
+
+from .generation import Llama
+from .model import ModelArgs, Transformer
+from .tokenizer import ChatFormat, Dialog, Tokenizer
+
+__all__ = ["ChatFormat", "Dialog", "Llama", "ModelArgs", "Tokenizer", "Transformer"]

@@ -1,0 +1,219 @@
+"""Meta checkpoint directories: params.json, consolidated.NN.pth shards, and slicing them for any number of ranks.
+
+A checkpoint with N shards loads into M model-parallel ranks for any N and M the shapes allow: each rank
+reads, from memory-mapped shards, only the rows or columns it owns. Shards hold whole key/value heads, so
+a Meta checkpoint never has more shards than key/value heads; ranks beyond that share replicated heads.
+"""
+
+import ctypes
+import json
+import mmap
+import re
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .model import ModelArgs
+
+# Keys some Meta checkpoints carry that the model recomputes instead of loading.
+IGNORED_KEYS = {"rope.freqs"}
+SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
+
+COPY_BLOCK_BYTES = 32 << 20
+_libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+Layout = Dict[str, Tuple[Tuple[int, ...], Optional[int]]]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded as asked; the message says what to do."""
+
+
+def read_params(ckpt_dir: Path) -> dict:
+    """The parsed params.json of a checkpoint directory."""
+    path = Path(ckpt_dir) / "params.json"
+    if not Path(ckpt_dir).is_dir():
+        raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist: pass --ckpt_dir with a downloaded model")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: a Meta checkpoint directory holds params.json and consolidated.NN.pth")
+    try:
+        params = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): download it again") from None
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{path} must hold a JSON object of model hyperparameters")
+    return params
+
+
+def shard_paths(ckpt_dir: Path) -> List[Path]:
+    """consolidated.00.pth ... consolidated.NN.pth in order; an error if none or if numbers are missing."""
+    found = {}
+    for path in Path(ckpt_dir).iterdir():
+        match = SHARD_PATTERN.fullmatch(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    if not found:
+        raise CheckpointError(f"no consolidated.NN.pth shards in {ckpt_dir}: download the checkpoint weights there")
+    missing = sorted(set(range(max(found) + 1)) - set(found))
+    if missing:
+        names = ", ".join(f"consolidated.{i:02d}.pth" for i in missing)
+        raise CheckpointError(f"{ckpt_dir} lacks {names}: download every shard of the checkpoint")
+    return [found[i] for i in sorted(found)]
+
+
+def parameter_layout(args: ModelArgs) -> Layout:
+    """Each parameter's full (unsharded) shape and the dimension model parallelism splits it on (None: replicated)."""
+    q_width, kv_width, hidden = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
+    layout: Layout = {
+        "tok_embeddings.weight": ((args.vocab_size, args.dim), 0),
+        "norm.weight": ((args.dim,), None),
+        "output.weight": ((args.vocab_size, args.dim), 0),
+    }
+    for i in range(args.n_layers):
+        layer = f"layers.{i}."
+        layout.update(
+            {
+                layer + "attention.wq.weight": ((q_width, args.dim), 0),
+                layer + "attention.wk.weight": ((kv_width, args.dim), 0),
+                layer + "attention.wv.weight": ((kv_width, args.dim), 0),
+                layer + "attention.wo.weight": ((args.dim, q_width), 1),
+                layer + "feed_forward.w1.weight": ((hidden, args.dim), 0),
+                layer + "feed_forward.w2.weight": ((args.dim, hidden), 1),
+                layer + "feed_forward.w3.weight": ((hidden, args.dim), 0),
+                layer + "attention_norm.weight": ((args.dim,), None),
+                layer + "ffn_norm.weight": ((args.dim,), None),
+            }
+        )
+    return layout
+
+
+def rank_range(key: str, size: int, args: ModelArgs, rank: int, world_size: int) -> Tuple[int, int]:
+    """The [begin, end) of a split dimension of full length `size` that `rank` of `world_size` holds."""
+    if key.endswith(("attention.wk.weight", "attention.wv.weight")) and world_size > args.n_kv_heads:
+        head = rank * args.n_kv_heads // world_size  # one replicated key/value head per rank
+        return head * args.head_dim, (head + 1) * args.head_dim
+    if size % world_size:
+        raise CheckpointError(
+            f"{key} has {size} rows/columns, which do not split over {world_size} processes: "
+            f"run with a number of processes that divides it"
+        )
+    part = size // world_size
+    return rank * part, (rank + 1) * part
+
+
+def _release_pages(tensor: torch.Tensor) -> None:
+    """Let the kernel drop the resident memory-mapped pages that lie wholly inside `tensor`'s span (Linux only).
+
+    Shards are mapped privately and never written, so a dropped page reads back from the file if touched again.
+    """
+    if not sys.platform.startswith("linux") or tensor.numel() == 0:
+        return
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    begin = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (tensor.data_ptr() + (last + 1) * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > begin:
+        _libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), mmap.MADV_DONTNEED)
+
+
+def _copy_releasing(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """`dst.copy_(src)` in blocks of rows, releasing each block's memory-mapped source pages once copied."""
+    row_bytes = src[0].numel() * src.element_size() if src.dim() > 1 else src.numel() * src.element_size()
+    rows = max(1, COPY_BLOCK_BYTES // max(row_bytes, 1))
+    for row in range(0, src.shape[0], rows):
+        dst[row : row + rows].copy_(src[row : row + rows])
+        _release_pages(src[row : row + rows])
+
+
+class ShardedCheckpoint:
+    """The memory-mapped shards of a Meta checkpoint, checked against its params and readable slice by slice."""
+
+    def __init__(self, ckpt_dir: Path, args: ModelArgs):
+        self.ckpt_dir = Path(ckpt_dir)
+        self.args = args
+        self.paths = shard_paths(self.ckpt_dir)
+        self.shards = [self._load(path) for path in self.paths]
+        self.layout = parameter_layout(args)
+        self._check_keys()
+        for key in self.layout:
+            self._check_shapes(key)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    @staticmethod
+    def _load(path: Path) -> Dict[str, torch.Tensor]:
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"cannot load {path} as plain tensors ({first_line}): it is corrupt or not a Meta checkpoint shard"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path} does not hold a dict of tensors: it is not a Meta checkpoint shard")
+        return state
+
+    def _check_keys(self) -> None:
+        expected = set(self.layout)
+        for path, shard in zip(self.paths, self.shards):
+            keys = set(shard) - IGNORED_KEYS
+            missing, unexpected = sorted(expected - keys), sorted(keys - expected)
+            if missing or unexpected:
+                parts = [f"missing {', '.join(missing[:5])}" if missing else "", f"unexpected {', '.join(unexpected[:5])}" if unexpected else ""]
+                raise CheckpointError(
+                    f"{path.name} does not match params.json ({'; '.join(p for p in parts if p)}): "
+                    f"check that params.json belongs to these weights"
+                )
+
+    def _check_shapes(self, key: str) -> None:
+        full_shape, dim = self.layout[key]
+        shapes = {tuple(shard[key].shape) for shard in self.shards}
+        if len(shapes) > 1:
+            raise CheckpointError(
+                f"shards disagree on the shape of {key} ({sorted(shapes)}): they come from different checkpoints"
+            )
+        shape = list(shapes.pop())
+        if dim is not None:
+            shape[dim] *= self.num_shards
+        if tuple(shape) != full_shape:
+            raise CheckpointError(
+                f"{key} is {tuple(shape)} across {self.num_shards} shard(s) but params.json implies {full_shape}: "
+                f"use the params.json that came with these weights"
+            )
+
+    def read(self, key: str, rank: int, world_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The part of parameter `key` that `rank` of `world_size` holds, as `dtype` on `device`.
+
+        Only that part is read. A whole shard tensor already in the right dtype on the CPU is used in place;
+        anything else is copied in blocks whose shard pages are released right after, so resident memory
+        grows by about the part's size.
+        """
+        full_shape, dim = self.layout[key]
+        if dim is None:
+            parts, dim, shape = [self.shards[0][key]], 0, list(full_shape)
+        else:
+            begin, end = rank_range(key, full_shape[dim], self.args, rank, world_size)
+            piece_len = full_shape[dim] // self.num_shards
+            parts = []
+            for i in range(begin // piece_len, -(-end // piece_len)):
+                lo, hi = max(begin - i * piece_len, 0), min(end - i * piece_len, piece_len)
+                parts.append(self.shards[i][key].narrow(dim, lo, hi - lo))
+            shape = list(full_shape)
+            shape[dim] = end - begin
+        if len(parts) == 1 and parts[0].dtype == dtype and device.type == "cpu" and parts[0].is_contiguous():
+            return parts[0]
+        result = torch.empty(shape, dtype=dtype, device=device)
+        offset = 0
+        for part in parts:
+            _copy_releasing(result.narrow(dim, offset, part.shape[dim]), part)
+            offset += part.shape[dim]
+        return result
+
+    def rank_state_dict(
+        self, rank: int, world_size: int, dtype: torch.dtype, device: torch.device
+    ) -> Dict[str, torch.Tensor]:
+        """Every parameter's part for `rank` of `world_size`."""
+        return {key: self.read(key, rank, world_size, dtype, device) for key in self.layout}

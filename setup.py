@@ -1,0 +1,17 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llama",
+    version="0.1.0",
+    description="Llama 3 inference: Meta's checkpoints on any number of processes, CPU or GPU",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["llama", "llama.*"]),
+    python_requires=">=3.10",
+    install_requires=Path(__file__).with_name("requirements.txt").read_text().split(),
+    extras_require={
+        "test": ["pytest>=7", "transformers>=4.45", "llama-models>=0.1"],
+    },
+)

@@ -1,0 +1,30 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")
+
+from checkpoints import TINY_PARAMS, random_state_dict, write_checkpoint  # noqa: E402
+
+from llama.tokenizer import Tokenizer, default_tokenizer_path  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    return Tokenizer(default_tokenizer_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_state():
+    return random_state_dict(TINY_PARAMS)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tiny_state) -> Path:
+    """A random grouped-query, scaled-RoPE model as a one-shard float32 Meta checkpoint."""
+    import torch
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), TINY_PARAMS, tiny_state, 1, dtype=torch.float32)

@@ -1,0 +1,89 @@
+"""Numerical parity of the model with transformers' LlamaForCausalLM on the same weights."""
+
+import pytest
+import torch
+from checkpoints import TINY_PARAMS, random_state_dict, write_checkpoint
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from llama import Llama, ModelArgs
+from llama.hf import hf_config, meta_to_hf_state_dict
+from llama.model import rope_frequencies
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived a dragon who",
+    "1, 2, 3,",
+    "def fibonacci(n):",
+]
+
+
+def hf_model(state, params, max_seq_len=256) -> LlamaForCausalLM:
+    args = ModelArgs(max_seq_len=max_seq_len, **params)
+    model = LlamaForCausalLM(LlamaConfig(**hf_config(args)))
+    model.load_state_dict(meta_to_hf_state_dict(state, args), strict=True)
+    return model.float().eval()
+
+
+def test_unknown_params_key_is_named():
+    with pytest.raises(ValueError, match="unknown key.*moe_experts"):
+        ModelArgs(max_seq_len=16, max_batch_size=1, moe_experts=8, **TINY_PARAMS)
+
+
+def test_ffn_hidden_size_of_llama3_8b():
+    args = ModelArgs(dim=4096, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=1024, vocab_size=128256)
+    assert args.ffn_hidden_dim == 14336
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_rope_frequencies_match_transformers(scaled):
+    params = dict(dim=4096, n_heads=32, n_kv_heads=8, rope_theta=500000.0, use_scaled_rope=scaled, vocab_size=128256)
+    args = ModelArgs(max_seq_len=8192, **params)
+    config = LlamaConfig(**hf_config(args))
+    kind = "llama3" if scaled else "default"
+    if kind == "default":
+        expected = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, 128, 2).float() / 128))
+    else:
+        expected, _ = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
+    torch.testing.assert_close(rope_frequencies(args), expected.float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"use_scaled_rope": False, "n_kv_heads": 8}, {"n_kv_heads": 1, "rope_theta": 10000.0}],
+    ids=["gqa-scaled", "mha", "mqa"],
+)
+def test_logits_match_transformers(tmp_path, overrides):
+    params = {**TINY_PARAMS, **overrides}
+    state = random_state_dict(params, seed=1)
+    ckpt = write_checkpoint(tmp_path, params, state, dtype=torch.float32)
+    ours = Llama.build(ckpt, max_seq_len=256, max_batch_size=2, dtype="float32", device="cpu")
+    reference = hf_model(state, params)
+
+    tokens = torch.randint(0, params["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(tokens).logits
+    torch.testing.assert_close(ours.model.forward(tokens, 0), expected, atol=1e-4, rtol=0)
+    # The same positions decoded through the KV cache: a 30-token prefill, then one token at a time.
+    incremental = [ours.model.forward(tokens[:, :30], 0)]
+    incremental += [ours.model.forward(tokens[:, pos : pos + 1], pos) for pos in range(30, 40)]
+    torch.testing.assert_close(torch.cat(incremental, dim=1), expected, atol=1e-4, rtol=0)
+
+
+def test_greedy_generation_matches_transformers(tiny_ckpt, tiny_state, tokenizer):
+    ours = Llama.build(tiny_ckpt, max_seq_len=128, max_batch_size=len(PROMPTS), dtype="float32")
+    reference = hf_model(tiny_state, TINY_PARAMS)
+    prompt_tokens = [tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    max_gen_len = 24
+
+    batched, _ = ours.generate(prompt_tokens, max_gen_len, temperature=0)
+    for prompt, from_batch in zip(prompt_tokens, batched):
+        alone, _ = ours.generate([prompt], max_gen_len, temperature=0)
+        with torch.no_grad():
+            hf_out = reference.generate(
+                torch.tensor([prompt]), max_new_tokens=max_gen_len, do_sample=False, eos_token_id=None, pad_token_id=0
+            )[0, len(prompt) :].tolist()
+        stop = next((i for i, t in enumerate(hf_out) if t in tokenizer.stop_tokens), len(hf_out))
+        assert alone[0] == hf_out[:stop]
+        assert from_batch == hf_out[:stop]
+        assert len(from_batch) == max_gen_len or hf_out[stop] in tokenizer.stop_tokens
