@@ -2,6 +2,7 @@
 
 from .generation import Llama
 from .model import ModelArgs, Transformer
-from .tokenizer import ChatFormat, Dialog, Tokenizer
+from .chat_format import ChatFormat, Dialog
+from .tokenizer import Tokenizer
 
 __all__ = ["ChatFormat", "Dialog", "Llama", "ModelArgs", "Tokenizer", "Transformer"]

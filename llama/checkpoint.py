@@ -5,13 +5,18 @@ reads, from memory-mapped shards, only the rows or columns it owns. Shards hold 
 a Meta checkpoint never has more shards than key/value heads; ranks beyond that share replicated heads.
 """
 
+import contextlib
 import ctypes
+import hashlib
 import json
 import mmap
+import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -217,3 +222,38 @@ class ShardedCheckpoint:
     ) -> Dict[str, torch.Tensor]:
         """Every parameter's part for `rank` of `world_size`."""
         return {key: self.read(key, rank, world_size, dtype, device) for key in self.layout}
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checklist(directory: Path) -> None:
+    """checklist.chk with a `md5  name` line (md5sum's format, as download.sh verifies) for every other file."""
+    lines = [f"{md5sum(p)}  {p.name}\n" for p in sorted(Path(directory).iterdir()) if p.name != "checklist.chk"]
+    (Path(directory) / "checklist.chk").write_text("".join(lines))
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `out_dir` to write into; on success add checklist.chk and rename it
+    to `out_dir`, on any failure or interruption remove it. `out_dir` must not exist or be empty."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} already exists and is not empty: choose a new output directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield staging
+        write_checklist(staging)
+        os.chmod(staging, 0o755)
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -11,7 +11,8 @@ import torch
 from .checkpoint import CheckpointError, ShardedCheckpoint, read_params
 from .model import ModelArgs, Transformer, skip_weight_init
 from .parallel import init_model_parallel, pick_device, pick_dtype
-from .tokenizer import ChatFormat, Dialog, Message, Tokenizer, check_dialog
+from .chat_format import Dialog, Message, chat_format_for, check_dialog
+from .tokenizer import Tokenizer
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -76,7 +77,7 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter = ChatFormat(tokenizer)
+        self.formatter = chat_format_for(tokenizer)
 
     @torch.inference_mode()
     def generate(

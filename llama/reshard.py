@@ -2,37 +2,21 @@
 
     python -m llama.reshard --ckpt_dir A --out_dir B --model_parallel_size M
 
-B gets M consolidated.NN.pth shards in Meta's layout, params.json, tokenizer.model and a checklist.chk of
+B gets M consolidated.NN.pth shards in Meta's layout, params.json, the tokenizer files and a checklist.chk of
 md5 sums (as download.sh verifies). B appears only once complete: it is written under a temporary name
 and renamed, so an interrupted run leaves nothing behind.
 """
 
-import hashlib
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, ShardedCheckpoint, read_params
+from .checkpoint import CheckpointError, ShardedCheckpoint, read_params, staged_directory
 from .cli import run_cli
 from .model import ModelArgs
-
-
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_checklist(directory: Path) -> None:
-    """checklist.chk with a `md5  name` line (md5sum's format) for every other file in `directory`."""
-    lines = [f"{md5sum(p)}  {p.name}\n" for p in sorted(directory.iterdir()) if p.name != "checklist.chk"]
-    (directory / "checklist.chk").write_text("".join(lines))
+from .tokenizer import SPEC_FILE
 
 
 def reshard(ckpt_dir: str, out_dir: str, model_parallel_size: int) -> Path:
@@ -40,8 +24,6 @@ def reshard(ckpt_dir: str, out_dir: str, model_parallel_size: int) -> Path:
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     if not isinstance(model_parallel_size, int) or model_parallel_size < 1:
         raise ValueError(f"--model_parallel_size must be a positive integer, got {model_parallel_size!r}")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists and is not empty: choose a new --out_dir")
     tokenizer = ckpt_dir / "tokenizer.model"
     if not tokenizer.is_file():
         raise CheckpointError(f"{tokenizer} is missing: put the checkpoint's tokenizer.model next to params.json")
@@ -53,29 +35,21 @@ def reshard(ckpt_dir: str, out_dir: str, model_parallel_size: int) -> Path:
         )
     checkpoint = ShardedCheckpoint(ckpt_dir, args)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        shutil.copyfile(ckpt_dir / "params.json", staging / "params.json")
-        shutil.copyfile(tokenizer, staging / "tokenizer.model")
+    with staged_directory(out_dir) as staging:
+        for name in ("params.json", "tokenizer.model", SPEC_FILE):
+            if (ckpt_dir / name).is_file():
+                shutil.copyfile(ckpt_dir / name, staging / name)
         with tqdm(total=model_parallel_size * len(checkpoint.layout), desc="resharding", unit="tensor") as progress:
             for rank in range(model_parallel_size):
                 shard = {}
                 for key in checkpoint.layout:
                     source_dtype = checkpoint.shards[0][key].dtype
                     # clone: a slice must not drag its whole source storage into the file
-                    shard[key] = checkpoint.read(key, rank, model_parallel_size, source_dtype, torch.device("cpu")).clone()
+                    part = checkpoint.read(key, rank, model_parallel_size, source_dtype, torch.device("cpu"))
+                    shard[key] = part.clone()
                     progress.update()
                 torch.save(shard, staging / f"consolidated.{rank:02d}.pth")
                 del shard
-        write_checklist(staging)
-        os.chmod(staging, 0o755)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print(f"wrote {model_parallel_size} shard(s) to {out_dir}")
     return out_dir
 

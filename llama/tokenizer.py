@@ -1,23 +1,22 @@
-"""Llama 3 tokenizer (tiktoken BPE) and the Llama 3 chat format."""
+"""Tokenizers on tiktoken BPE: Llama 3's, and any byte-level BPE a converted checkpoint describes.
+
+A tokenizer is a `tokenizer.model` file of BPE ranks (tiktoken's format, as Meta ships it) plus a spec:
+the pre-tokenizer pattern, the special tokens, BOS/EOS/pad, the stop tokens and the chat format. Llama 3's
+spec is built in; a converted checkpoint stores its own as `tokenizer_spec.json` next to `tokenizer.model`.
+"""
 
 import importlib.util
+import json
 import os
 import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import AbstractSet, Collection, Iterator, List, Literal, Optional, Sequence, TypedDict, Union
+from typing import AbstractSet, Collection, Dict, Iterator, List, Literal, Optional, Sequence, Union
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-Role = Literal["system", "user", "assistant", "ipython"]
-
-
-class Message(TypedDict):
-    role: Role
-    content: str
-
-
-Dialog = Sequence[Message]
+SPEC_FILE = "tokenizer_spec.json"
 
 # Llama 3 pre-tokenizer: contractions, words with one leading non-letter, numbers of up to three
 # digits, punctuation runs, newlines and other whitespace.
@@ -42,6 +41,46 @@ LLAMA3_NAMED_SPECIAL_TOKENS = {
 MAX_CHUNK_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
 _RUNS = re.compile(r"\s+|\S+")
+
+
+@dataclass
+class TokenizerSpec:
+    """Everything about a tokenizer that the BPE ranks file does not hold."""
+
+    pattern: str  # tiktoken pre-tokenizer regex
+    special_tokens: Dict[str, int]  # control tokens by text; their text in input is plain text unless allowed
+    n_words: int  # the model's vocabulary size; ids at or past it are never produced
+    bos_token: Optional[str]  # None: the model uses no BOS
+    eos_token: str
+    pad_token: str
+    stop_tokens: List[str]  # generation ends at any of these
+    chat_format: str = "llama3"  # see llama.chat_format.CHAT_FORMATS
+    default_system_prompt: Optional[str] = None  # used by chat formats when a dialog has no system message
+    extra: Dict[str, object] = field(default_factory=dict)  # format-specific settings
+
+    @staticmethod
+    def llama3(num_base_tokens: int) -> "TokenizerSpec":
+        """Llama 3's spec for a ranks file of `num_base_tokens` tokens (128,000 for Meta's)."""
+        names = _special_token_names(NUM_RESERVED_SPECIAL_TOKENS)
+        return TokenizerSpec(
+            pattern=LLAMA3_PATTERN,
+            special_tokens={name: num_base_tokens + i for i, name in enumerate(names)},
+            n_words=num_base_tokens + len(names),
+            bos_token="<|begin_of_text|>",
+            eos_token="<|end_of_text|>",
+            pad_token="<|finetune_right_pad_id|>",
+            stop_tokens=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+        )
+
+    @staticmethod
+    def load(path: Path) -> "TokenizerSpec":
+        try:
+            return TokenizerSpec(**json.loads(Path(path).read_text()))
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a valid tokenizer spec ({e}): convert the checkpoint again") from None
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1, ensure_ascii=False))
 
 
 def default_tokenizer_path() -> str:
@@ -92,34 +131,35 @@ def split_for_encoding(s: str) -> Iterator[str]:
 
 
 class Tokenizer:
-    """Tokenizes and detokenizes text with the Llama 3 tiktoken BPE model."""
+    """Tokenizes and detokenizes text with a BPE ranks file and its spec."""
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, spec: Optional[TokenizerSpec] = None):
+        """`spec` defaults to the `tokenizer_spec.json` beside `model_path`, else to Llama 3's."""
         if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"tokenizer file {model_path} not found: pass the path to Llama 3's tokenizer.model")
+            raise FileNotFoundError(f"tokenizer file {model_path} not found: pass the path to the model's tokenizer.model")
         try:
             mergeable_ranks = load_tiktoken_bpe(model_path)
         except Exception as e:
             raise ValueError(f"{model_path} is not a tiktoken BPE file (Llama 3 tokenizer.model): {e}") from None
-        num_base_tokens = len(mergeable_ranks)
-        self.special_tokens = {
-            name: num_base_tokens + i for i, name in enumerate(_special_token_names(NUM_RESERVED_SPECIAL_TOKENS))
-        }
-        self.model = tiktoken.Encoding(
-            name=Path(model_path).name,
-            pat_str=LLAMA3_PATTERN,
-            mergeable_ranks=mergeable_ranks,
-            special_tokens=self.special_tokens,
-        )
-        self.n_words: int = self.model.n_vocab
-        self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
-        self.eos_id: int = self.special_tokens["<|end_of_text|>"]
-        self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
-        self.stop_tokens = {
-            self.eos_id,
-            self.special_tokens["<|eom_id|>"],
-            self.special_tokens["<|eot_id|>"],
-        }
+        if spec is None:
+            spec_path = Path(model_path).with_name(SPEC_FILE)
+            spec = TokenizerSpec.load(spec_path) if spec_path.is_file() else TokenizerSpec.llama3(len(mergeable_ranks))
+        self.spec = spec
+        self.special_tokens = dict(spec.special_tokens)
+        try:
+            self.model = tiktoken.Encoding(
+                name=Path(model_path).name,
+                pat_str=spec.pattern,
+                mergeable_ranks=mergeable_ranks,
+                special_tokens=self.special_tokens,
+            )
+        except ValueError as e:
+            raise ValueError(f"{model_path} and its spec do not fit together ({e}): convert the checkpoint again") from None
+        self.n_words: int = spec.n_words
+        self.bos_id: Optional[int] = None if spec.bos_token is None else self.special_tokens[spec.bos_token]
+        self.eos_id: int = self.special_tokens[spec.eos_token]
+        self.pad_id: int = self.special_tokens[spec.pad_token]
+        self.stop_tokens = {self.special_tokens[name] for name in spec.stop_tokens}
 
     def encode(
         self,
@@ -130,20 +170,22 @@ class Tokenizer:
         allowed_special: Union[Literal["all"], AbstractSet[str]] = frozenset(),
         disallowed_special: Union[Literal["all"], Collection[str]] = (),
     ) -> List[int]:
-        """Token ids of `s`, optionally framed by BOS/EOS.
+        """Token ids of `s`, optionally framed by BOS (if the model has one) and EOS.
 
         Special-token text in `s` is plain text unless listed in `allowed_special`; text listed in
         `disallowed_special` raises instead.
         """
         if not isinstance(s, str):
             raise TypeError(f"can only encode str, got {type(s).__name__}")
-        tokens = [self.bos_id] if bos else []
+        tokens = [self.bos_id] if bos and self.bos_id is not None else []
         for piece in split_for_encoding(s):
             tokens.extend(
                 self.model.encode(piece, allowed_special=allowed_special, disallowed_special=disallowed_special)
             )
         if eos:
             tokens.append(self.eos_id)
+        if self.n_words < self.model.n_vocab:  # bytes the model's vocabulary lacks are dropped
+            tokens = [t for t in tokens if t < self.n_words]
         return tokens
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -153,49 +195,3 @@ class Tokenizer:
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         """Raw bytes of the token ids."""
         return self.model.decode_bytes(list(ids))
-
-
-class ChatFormat:
-    """Llama 3 dialog encoding: headers, message bodies ending in <|eot_id|>, an open assistant header."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-
-    def encode_header(self, message: Message) -> List[int]:
-        """`<|start_header_id|>role<|end_header_id|>\\n\\n`."""
-        special = self.tokenizer.special_tokens
-        tokens = [special["<|start_header_id|>"]]
-        tokens.extend(self.tokenizer.encode(message["role"], bos=False, eos=False))
-        tokens.append(special["<|end_header_id|>"])
-        tokens.extend(self.tokenizer.encode("\n\n", bos=False, eos=False))
-        return tokens
-
-    def encode_message(self, message: Message) -> List[int]:
-        """Header, stripped content (special-token text stays plain text) and `<|eot_id|>`."""
-        tokens = self.encode_header(message)
-        tokens.extend(self.tokenizer.encode(message["content"].strip(), bos=False, eos=False))
-        tokens.append(self.tokenizer.special_tokens["<|eot_id|>"])
-        return tokens
-
-    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
-        """`<|begin_of_text|>`, every message, then an open assistant header for the reply."""
-        tokens = [self.tokenizer.bos_id]
-        for message in dialog:
-            tokens.extend(self.encode_message(message))
-        tokens.extend(self.encode_header({"role": "assistant", "content": ""}))
-        return tokens
-
-
-def check_dialog(dialog: Dialog) -> None:
-    """Raise ValueError with what to fix unless `dialog` is a non-empty list of {role, content: str} messages."""
-    if not isinstance(dialog, (list, tuple)) or not dialog:
-        raise ValueError("a dialog must be a non-empty list of {'role': ..., 'content': ...} messages")
-    for i, message in enumerate(dialog):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"message {i} must be a dict with 'role' and 'content' keys, got {message!r}")
-        if message["role"] not in ("system", "user", "assistant", "ipython"):
-            raise ValueError(
-                f"message {i} has role {message['role']!r}: use 'system', 'user', 'assistant' or 'ipython'"
-            )
-        if not isinstance(message["content"], str):
-            raise ValueError(f"message {i} content must be a str, got {type(message['content']).__name__}")

@@ -115,7 +115,7 @@ def test_reshard_refuses_more_shards_than_kv_heads(checkpoints, tmp_path):
 def test_reshard_refuses_non_empty_out_dir(checkpoints, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="choose a new --out_dir"):
+    with pytest.raises(FileExistsError, match="choose a new output directory"):
         reshard(str(checkpoints["kv2", 1]), str(tmp_path / "out"), 1)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 

@@ -6,7 +6,8 @@ import pytest
 import tiktoken
 
 from llama import ChatFormat, Tokenizer
-from llama.tokenizer import LLAMA3_PATTERN, check_dialog, default_tokenizer_path
+from llama.chat_format import check_dialog
+from llama.tokenizer import LLAMA3_PATTERN, default_tokenizer_path
 
 
 @pytest.fixture(scope="module")
