@@ -4,13 +4,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple, TypedDict, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
 from .checkpoint import CheckpointError, ShardedCheckpoint, read_params
 from .model import ModelArgs, Transformer, skip_weight_init
 from .parallel import init_model_parallel, pick_device, pick_dtype
+from .sequence import GeneratedSequence
 from .chat_format import Dialog, Message, chat_format_for, check_dialog
 from .tokenizer import Tokenizer
 
@@ -79,7 +80,6 @@ class Llama:
         self.tokenizer = tokenizer
         self.formatter = chat_format_for(tokenizer)
 
-    @torch.inference_mode()
     def generate(
         self,
         prompt_tokens: List[List[int]],
@@ -94,52 +94,109 @@ class Llama:
         Returns the new tokens of each prompt (the prompt too with `echo`), stop token excluded, and with
         `logprobs` the log-probability of each returned token. temperature 0 decodes greedily.
         """
-        params = self.model.params
-        self._check_sampling(prompt_tokens, max_gen_len, temperature, top_p)
-        bsz = len(prompt_tokens)
-        prompt_lens = [len(t) for t in prompt_tokens]
-        min_prompt_len, max_prompt_len = min(prompt_lens), max(prompt_lens)
-        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
-        device = self.model.rope_cos.device
+        sequences = self._run(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        out_tokens = [(s.prompt if echo else []) + s.tokens for s in sequences]
+        if not logprobs:
+            return out_tokens, None
+        return out_tokens, [_returned_logprobs(s, echo) for s in sequences]
 
-        tokens = torch.full((bsz, total_len), self.tokenizer.pad_id, dtype=torch.long, device=device)
-        for i, prompt in enumerate(prompt_tokens):
-            tokens[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
-        is_prompt = torch.arange(total_len, device=device)[None, :] < torch.tensor(prompt_lens, device=device)[:, None]
-        token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float, device=device) if logprobs else None
-        stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), device=device)
-        finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+    def stream(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        stop: Sequence[str] = (),
+    ) -> Iterator[Tuple[int, str]]:
+        """Yield `(prompt index, new text)` as each sequence produces text; see `text_completion` for the rest."""
+        sequences = self._sequences(prompt_tokens, max_gen_len, temperature, top_p, stop)
+        for events in self._decode(sequences, temperature, top_p, logprobs=False):
+            yield from events
 
-        if logprobs and min_prompt_len == total_len:
-            logits = self.model.forward(tokens, 0)
-            token_logprobs[:, 1:] = _logprobs_of(logits[:, :-1], tokens[:, 1:])
-        prev_pos = 0
-        for cur_pos in range(min_prompt_len, total_len):
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
-            next_token = sample(logits[:, -1], temperature, top_p)
-            # Rows still inside their prompt keep the prompt's token.
-            next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
-            tokens[:, cur_pos] = next_token
-            if logprobs:
-                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = _logprobs_of(logits, tokens[:, prev_pos + 1 : cur_pos + 1])
-            finished |= ~is_prompt[:, cur_pos] & torch.isin(next_token, stop_tokens)
-            prev_pos = cur_pos
-            if finished.all():
-                break
+    def stream_text(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        stop: Sequence[str] = (),
+    ) -> Iterator[Tuple[int, str]]:
+        """Stream completions of `prompts` as `(prompt index, new text)` pairs."""
+        return self.stream(self._encode_prompts(prompts), self._gen_len(max_gen_len), temperature, top_p, stop)
 
-        out_tokens, out_logprobs = [], []
-        for i, row in enumerate(tokens.tolist()):
-            start = 0 if echo else prompt_lens[i]
-            end = min(prompt_lens[i] + max_gen_len, total_len)
-            generated = row[prompt_lens[i] : end]
-            stop = next((j for j, t in enumerate(generated) if t in self.tokenizer.stop_tokens), len(generated))
-            end = prompt_lens[i] + stop
-            out_tokens.append(row[start:end])
-            if logprobs:
-                out_logprobs.append(token_logprobs[i, start:end].tolist())
-        return out_tokens, (out_logprobs if logprobs else None)
+    def stream_chat(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        stop: Sequence[str] = (),
+    ) -> Iterator[Tuple[int, str]]:
+        """Stream the assistant's next message for each dialog as `(dialog index, new text)` pairs."""
+        return self.stream(self._encode_dialogs(dialogs), self._gen_len(max_gen_len), temperature, top_p, stop)
 
-    def _check_sampling(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float):
+    def text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+        stop: Sequence[str] = (),
+    ) -> List[CompletionPrediction]:
+        """Complete each prompt. `max_gen_len=None` fills the rest of the context; generation also ends
+        at any of the `stop` strings, which are left out of the result."""
+        prompt_tokens = self._encode_prompts(prompts)
+        sequences = self._run(prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, logprobs, stop)
+        return [
+            self._prediction((self.tokenizer.decode(s.prompt) if echo else "") + s.text, s, logprobs, echo)
+            for s in sequences
+        ]
+
+    def chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        stop: Sequence[str] = (),
+    ) -> List[ChatPrediction]:
+        """Generate the assistant's next message for each dialog."""
+        prompt_tokens = self._encode_dialogs(dialogs)
+        sequences = self._run(prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, logprobs, stop)
+        return [self._prediction({"role": "assistant", "content": s.text}, s, logprobs) for s in sequences]
+
+    def _encode_prompts(self, prompts: List[str]) -> List[List[int]]:
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a list of strings")
+        return [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+
+    def _encode_dialogs(self, dialogs: List[Dialog]) -> List[List[int]]:
+        if not isinstance(dialogs, (list, tuple)):
+            raise ValueError("dialogs must be a list of dialogs (lists of messages)")
+        for dialog in dialogs:
+            check_dialog(dialog)
+        return [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
+
+    def _gen_len(self, max_gen_len: Optional[int]) -> int:
+        return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+
+    def _prediction(self, generation, sequence: GeneratedSequence, logprobs: bool, echo: bool = False) -> dict:
+        if not logprobs:
+            return {"generation": generation}
+        tokens = (sequence.prompt if echo else []) + sequence.tokens
+        return {
+            "generation": generation,
+            "tokens": [self.tokenizer.decode([t]) for t in tokens],
+            "logprobs": _returned_logprobs(sequence, echo),
+        }
+
+    def _sequences(
+        self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float, stop: Sequence[str]
+    ) -> List[GeneratedSequence]:
+        """Check the request and start a sequence per prompt."""
         params = self.model.params
         if not prompt_tokens or any(len(t) == 0 for t in prompt_tokens):
             raise ValueError("give at least one prompt, and no empty prompt")
@@ -154,65 +211,83 @@ class Llama:
                 f"a prompt of {longest} tokens leaves no room in max_seq_len {params.max_seq_len}: "
                 f"shorten it or build with a larger max_seq_len"
             )
-        if max_gen_len is None or max_gen_len < 1:
+        if not isinstance(max_gen_len, int) or max_gen_len < 1:
             raise ValueError(f"max_gen_len must be a positive integer, got {max_gen_len}")
-        if temperature < 0:
+        if not isinstance(temperature, (int, float)) or temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-        if not 0 < top_p <= 1:
+        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
+            raise ValueError("stop must be a list of strings")
+        return [GeneratedSequence(list(p), self.tokenizer, max_gen_len, stop) for p in prompt_tokens]
 
-    def text_completion(
-        self,
-        prompts: List[str],
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        max_gen_len: Optional[int] = None,
-        logprobs: bool = False,
-        echo: bool = False,
-    ) -> List[CompletionPrediction]:
-        """Complete each prompt; `max_gen_len=None` fills the rest of the context."""
-        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be a list of strings")
-        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-        generations, generation_logprobs = self.generate(
-            prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, logprobs, echo
-        )
-        return [
-            self._prediction(self.tokenizer.decode(t), t, generation_logprobs[i] if logprobs else None)
-            for i, t in enumerate(generations)
-        ]
+    def _run(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs=False, stop=()) -> List[GeneratedSequence]:
+        """Generate every sequence to its end without streaming."""
+        sequences = self._sequences(prompt_tokens, max_gen_len, temperature, top_p, stop)
+        for _ in self._decode(sequences, temperature, top_p, logprobs):
+            pass
+        return sequences
 
-    def chat_completion(
-        self,
-        dialogs: List[Dialog],
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        max_gen_len: Optional[int] = None,
-        logprobs: bool = False,
-    ) -> List[ChatPrediction]:
-        """Generate the assistant's next message for each dialog."""
-        if not isinstance(dialogs, (list, tuple)):
-            raise ValueError("dialogs must be a list of dialogs (lists of messages)")
-        for dialog in dialogs:
-            check_dialog(dialog)
-        prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
-        generations, generation_logprobs = self.generate(
-            prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, logprobs
-        )
-        return [
-            self._prediction(
-                {"role": "assistant", "content": self.tokenizer.decode(t)}, t, generation_logprobs[i] if logprobs else None
-            )
-            for i, t in enumerate(generations)
-        ]
+    @torch.inference_mode()
+    def _decode(
+        self, sequences: List[GeneratedSequence], temperature: float, top_p: float, logprobs: bool
+    ) -> Iterator[List[Tuple[int, str]]]:
+        """The decode loop: after each step, yield `(sequence index, new text)` for the sequences that have some.
 
-    def _gen_len(self, max_gen_len: Optional[int]) -> int:
-        return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        Prompts advance in lockstep from the shortest one's end: longer prompts are fed their own tokens until
+        they too generate. A finished sequence leaves the batch (its rows of the KV cache are compacted away),
+        and the loop ends when the last one finishes.
+        """
+        max_seq_len = self.model.params.max_seq_len
+        prompt_lens = [len(s.prompt) for s in sequences]
+        total_len = min(max_seq_len, max(s.max_gen_len + n for s, n in zip(sequences, prompt_lens)))
+        device = self.model.rope_cos.device
 
-    def _prediction(self, generation, tokens: List[int], logprobs: Optional[List[float]]) -> dict:
-        if logprobs is None:
-            return {"generation": generation}
-        return {"generation": generation, "tokens": [self.tokenizer.decode([t]) for t in tokens], "logprobs": logprobs}
+        tokens = torch.full((len(sequences), total_len), self.tokenizer.pad_id, dtype=torch.long, device=device)
+        for i, prompt in enumerate(prompt_lens):
+            tokens[i, :prompt] = torch.tensor(sequences[i].prompt, dtype=torch.long, device=device)
+        prompt_end = torch.tensor(prompt_lens, device=device)
+        rows = list(range(len(sequences)))  # batch row -> sequence index
+        prev_pos = 0
+        for cur_pos in range(min(prompt_lens), total_len):
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
+            in_prompt = cur_pos < prompt_end
+            next_token = torch.where(in_prompt, tokens[:, cur_pos], sample(logits[:, -1], temperature, top_p))
+            tokens[:, cur_pos] = next_token
+            if logprobs:
+                position_logprobs = _logprobs_of(logits, tokens[:, prev_pos + 1 : cur_pos + 1]).tolist()
+            events, done = [], []
+            for row, (index, token, prompting) in enumerate(zip(rows, next_token.tolist(), in_prompt.tolist())):
+                sequence = sequences[index]
+                if logprobs:
+                    sequence.token_logprobs.extend(position_logprobs[row])
+                if prompting:
+                    continue
+                text = sequence.add(token, context_full=cur_pos + 1 >= max_seq_len)
+                if text:
+                    events.append((index, text))
+                if sequence.finished:
+                    done.append(row)
+            if events:
+                yield events
+            prev_pos = cur_pos
+            if done:
+                keep = [row for row in range(len(rows)) if row not in done]
+                if not keep:
+                    return
+                rows = [rows[row] for row in keep]
+                keep_index = torch.tensor(keep, device=device)
+                tokens, prompt_end = tokens[keep_index], prompt_end[keep_index]
+                self.model.keep_rows(keep_index)
+
+
+def _returned_logprobs(sequence: GeneratedSequence, echo: bool) -> List[float]:
+    """Log-probabilities of the returned tokens: the generated ones, after the prompt's with `echo`
+    (the first prompt token has no prediction and gets 0)."""
+    generated = sequence.token_logprobs[len(sequence.prompt) - 1 :][: len(sequence.tokens)]
+    if not echo:
+        return generated
+    return [0.0, *sequence.token_logprobs[: len(sequence.prompt) - 1], *generated]
 
 
 def _logprobs_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

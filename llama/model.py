@@ -239,6 +239,13 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, dtype, device)
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Compact the KV caches so that batch rows `rows` (in this order) become rows 0, 1, ..."""
+        for layer in self.layers:
+            attention = layer.attention
+            attention.cache_k[: len(rows)] = attention.cache_k[rows]
+            attention.cache_v[: len(rows)] = attention.cache_v[rows]
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int, *, last_only: bool = False) -> torch.Tensor:
         """Float32 logits (bs, seqlen, vocab) for `tokens` (bs, seqlen) placed at positions start_pos...

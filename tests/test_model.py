@@ -87,3 +87,15 @@ def test_greedy_generation_matches_transformers(tiny_ckpt, tiny_state, tokenizer
         assert alone[0] == hf_out[:stop]
         assert from_batch == hf_out[:stop]
         assert len(from_batch) == max_gen_len or hf_out[stop] in tokenizer.stop_tokens
+
+
+def test_logprobs_match_transformers(tiny_ckpt, tiny_state, tokenizer):
+    ours = Llama.build(tiny_ckpt, max_seq_len=128, max_batch_size=2, dtype="float32")
+    reference = hf_model(tiny_state, TINY_PARAMS)
+    prompts = [tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:2]]
+    tokens, logprobs = ours.generate(prompts, 8, temperature=0, logprobs=True, echo=True)
+    for row, row_logprobs in zip(tokens, logprobs):
+        with torch.no_grad():
+            expected = torch.log_softmax(reference(torch.tensor([row])).logits[0, :-1], dim=-1)
+        expected = expected.gather(-1, torch.tensor(row[1:])[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(row_logprobs[1:]), expected, atol=1e-4, rtol=0)

@@ -1,0 +1,313 @@
+"""Convert a Llama-architecture GGUF file (llama.cpp's format, any quantization `gguf` can dequantize) into
+a Meta checkpoint directory: params.json, consolidated.00.pth, tokenizer.model, tokenizer_spec.json.
+
+    python -m llama.gguf_import model.gguf out_dir/ [--dtype bfloat16]
+
+GGUF stores query/key rows in Meta's interleaved RoPE layout already, so every weight is taken as is.
+"""
+
+import json
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import gguf
+import jinja2.sandbox
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .bpe import pretokenizer_pattern, ranks_from_byte_level_vocab, write_tokenizer
+from .chat_format import chat_format_for
+from .checkpoint import CheckpointError, parameter_layout, staged_directory
+from .cli import run_cli
+from .model import ModelArgs, rope_frequencies
+from .parallel import pick_dtype
+from .tokenizer import SPEC_FILE, Tokenizer, TokenizerSpec
+
+ARCHITECTURE = "llama"
+CONTROL_TOKEN = 3  # llama.cpp's token type of special (control) tokens
+# Tokens that end a turn or a text in the vocabularies of common chat models.
+STOP_TOKEN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>")
+ROPE_FACTORS_RTOL = 1e-4
+
+GLOBAL_TENSORS = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+LAYER_TENSORS = {
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_down": "feed_forward.w2",
+    "ffn_up": "feed_forward.w3",
+    "attn_norm": "attention_norm",
+    "ffn_norm": "ffn_norm",
+}
+LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+ROPE_FREQS_TENSOR = "rope_freqs.weight"
+
+
+class GGUFFile:
+    """A GGUF file's metadata, read with clear errors for what a conversion needs."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"GGUF file {self.path} not found: pass the path to a .gguf model file")
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot read {self.path} as GGUF ({type(e).__name__}: {e}): the file is truncated or not GGUF, "
+                f"download it again"
+            ) from None
+        self.arch = self.get("general.architecture")
+        if self.arch != ARCHITECTURE:
+            raise CheckpointError(
+                f"{self.path} holds a {self.arch!r} model: only the {ARCHITECTURE!r} architecture converts to a Meta checkpoint"
+            )
+
+    def has(self, key: str) -> bool:
+        return key in self.reader.fields
+
+    def get(self, key: str, default: object = KeyError) -> object:
+        """The value of metadata `key`; without a default, a missing key is an error naming it."""
+        if key not in self.reader.fields:
+            if default is KeyError:
+                raise CheckpointError(
+                    f"{self.path} lacks the metadata key {key!r}: convert the model to GGUF again with a recent llama.cpp"
+                )
+            return default
+        return self.reader.fields[key].contents()
+
+    def model(self, name: str) -> object:
+        """The architecture's hyperparameter `name`, e.g. "embedding_length"."""
+        return self.get(f"{self.arch}.{name}")
+
+
+def _float32_value(value: float) -> float:
+    """The shortest decimal that is the same float32 as `value` (GGUF stores 1e-5 as 9.99999974e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _ffn_params(dim: int, hidden: int) -> Dict[str, object]:
+    """multiple_of and, if needed, ffn_dim_multiplier with which ModelArgs.ffn_hidden_dim is exactly `hidden`."""
+    base = int(2 * (4 * dim) / 3)
+    multipliers = [None, *(round(hidden / base, digits) for digits in range(1, 7)), hidden / base]
+    for multiple_of in (256, hidden):
+        for multiplier in multipliers:
+            params = {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}
+            if ModelArgs(dim=dim, n_heads=1, **params).ffn_hidden_dim == hidden:
+                return {k: v for k, v in params.items() if v is not None}
+    raise AssertionError(f"no multiple_of/ffn_dim_multiplier reproduce feed_forward_length {hidden} at dim {dim}")
+
+
+def model_params(model: GGUFFile) -> Dict[str, object]:
+    """Meta's params.json for the GGUF's hyperparameters (RoPE scaling decided later, from the tensors)."""
+    if model.get(f"{model.arch}.expert_count", 0):
+        raise CheckpointError(f"{model.path} is a mixture-of-experts model: only dense Llama models convert")
+    scaling = model.get(f"{model.arch}.rope.scaling.type", "none")
+    if scaling != "none":
+        raise CheckpointError(f"{model.path} uses {scaling!r} RoPE scaling: only Llama 3.1's scaling converts")
+    dim, n_heads = int(model.model("embedding_length")), int(model.model("attention.head_count"))
+    params = {
+        "dim": dim,
+        "n_layers": int(model.model("block_count")),
+        "n_heads": n_heads,
+        "n_kv_heads": int(model.model("attention.head_count_kv")),
+        "vocab_size": int(model.get(f"{model.arch}.vocab_size", None) or len(model.get("tokenizer.ggml.tokens"))),
+        **_ffn_params(dim, int(model.model("feed_forward_length"))),
+        "norm_eps": _float32_value(model.model("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _float32_value(model.model("rope.freq_base")),
+        "use_scaled_rope": False,
+    }
+    if dim % n_heads:
+        raise CheckpointError(f"{model.path}: embedding_length {dim} does not divide by head_count {n_heads}")
+    head_dim = dim // n_heads
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        value = model.get(f"{model.arch}.{key}", head_dim)
+        if value != head_dim:
+            raise CheckpointError(
+                f"{model.path} has {key} {value} but heads of {head_dim} dimensions (embedding_length / head_count): "
+                f"Meta's Llama rotates and attends over whole heads, so this model cannot convert"
+            )
+    return params
+
+
+def _check_llama31_scaling(model: GGUFFile, factors: np.ndarray, params: Dict[str, object]) -> None:
+    """Raise unless the `rope_freqs` factors (each frequency is divided by its factor) are Llama 3.1's scaling."""
+    unscaled = rope_frequencies(ModelArgs(**{**params, "use_scaled_rope": False}))
+    expected = (unscaled / rope_frequencies(ModelArgs(**{**params, "use_scaled_rope": True}))).numpy()
+    if factors.shape != expected.shape or not np.allclose(factors, expected, rtol=ROPE_FACTORS_RTOL):
+        raise CheckpointError(
+            f"{model.path} has RoPE frequency factors ({ROPE_FREQS_TENSOR}) other than Llama 3.1's scaling: "
+            f"this model cannot convert to a Meta checkpoint"
+        )
+
+
+def _dequantized(tensor: "gguf.ReaderTensor") -> torch.Tensor:
+    """A GGUF tensor as float32 in PyTorch's (rows, columns) order."""
+    try:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise CheckpointError(
+            f"tensor {tensor.name} is stored as {tensor.tensor_type.name}, which the installed gguf package cannot "
+            f"dequantize: upgrade it (pip install -U gguf) or use another quantization of the model"
+        ) from None
+    shape = [int(n) for n in reversed(tensor.shape)]
+    try:
+        return torch.from_numpy(np.require(values, np.float32, ['C', 'W']).reshape(shape))
+    except ValueError:
+        raise CheckpointError(f"tensor {tensor.name} of the GGUF file is truncated: download the file again") from None
+
+
+def meta_name(gguf_name: str) -> Optional[str]:
+    """The Meta parameter name of a GGUF tensor name, or None for names outside a dense Llama."""
+    if gguf_name in GLOBAL_TENSORS:
+        return GLOBAL_TENSORS[gguf_name]
+    match = LAYER_TENSOR.fullmatch(gguf_name)
+    if match and match.group(2) in LAYER_TENSORS:
+        return f"layers.{match.group(1)}.{LAYER_TENSORS[match.group(2)]}.weight"
+    return None
+
+
+def read_weights(model: GGUFFile, params: Dict[str, object], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """Every weight in Meta's names, dequantized and cast to `dtype`; sets params["use_scaled_rope"]."""
+    state: Dict[str, torch.Tensor] = {}
+    for tensor in tqdm(model.reader.tensors, desc="dequantizing", unit="tensor"):
+        if tensor.name == ROPE_FREQS_TENSOR:
+            _check_llama31_scaling(model, _dequantized(tensor).numpy(), params)
+            params["use_scaled_rope"] = True
+            continue
+        name = meta_name(tensor.name)
+        if name is None:
+            raise CheckpointError(
+                f"{model.path} has tensor {tensor.name}, which a dense Llama does not: this model cannot convert"
+            )
+        state[name] = _dequantized(tensor).to(dtype)
+    if "output.weight" not in state and "tok_embeddings.weight" in state:  # output tied to the embedding
+        state["output.weight"] = state["tok_embeddings.weight"].clone()
+    layout = parameter_layout(ModelArgs(**params))
+    missing = sorted(set(layout) - set(state))
+    if missing:
+        raise CheckpointError(f"{model.path} lacks the tensors for {', '.join(missing[:5])}: the file is incomplete")
+    for key, (shape, _) in layout.items():
+        if tuple(state[key].shape) != shape:
+            raise CheckpointError(
+                f"{model.path}: {key} has shape {tuple(state[key].shape)} but the metadata implies {shape}: "
+                f"the file's metadata does not fit its tensors"
+            )
+    return {key: state[key] for key in layout}
+
+
+def tokenizer_spec(model: GGUFFile, vocab_size: int) -> Tuple[List[str], TokenizerSpec]:
+    """The vocabulary and the tokenizer spec the GGUF metadata describes (no default system prompt yet)."""
+    kind = model.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise CheckpointError(
+            f"{model.path} has a {kind!r} tokenizer: only byte-level BPE tokenizers (tokenizer.ggml.model 'gpt2') convert"
+        )
+    tokens = list(model.get("tokenizer.ggml.tokens"))
+    types = list(model.get("tokenizer.ggml.token_type"))
+    if len(tokens) != vocab_size or len(types) != vocab_size:
+        raise CheckpointError(
+            f"{model.path} has {len(tokens)} tokens and {len(types)} token types for a vocabulary of {vocab_size}: "
+            f"the tokenizer metadata is corrupt"
+        )
+
+    def token_id(key: str) -> int:
+        value = int(model.get(key))
+        if not 0 <= value < vocab_size:
+            raise CheckpointError(f"{model.path} has {key} {value}, outside the vocabulary of {vocab_size}")
+        return value
+
+    ids = {"eos": token_id("tokenizer.ggml.eos_token_id")}
+    if model.get("tokenizer.ggml.add_bos_token", True):
+        ids["bos"] = token_id("tokenizer.ggml.bos_token_id")
+    has_pad = model.has("tokenizer.ggml.padding_token_id")
+    ids["pad"] = token_id("tokenizer.ggml.padding_token_id") if has_pad else ids["eos"]
+    special = {token: i for i, (token, kind) in enumerate(zip(tokens, types)) if kind == CONTROL_TOKEN}
+    special.update({tokens[i]: i for i in ids.values()})  # BOS/EOS/pad are special whatever their type
+    eos = tokens[ids["eos"]]
+    stop = [eos, *(t for t in STOP_TOKEN_TEXTS if t in special and t != eos)]
+    if "<|im_start|>" in special and "<|im_end|>" in special:
+        chat_format = "chatml"
+    else:
+        chat_format = "llama3"
+    spec = TokenizerSpec(
+        pattern=pretokenizer_pattern(str(model.get("tokenizer.ggml.pre"))),
+        special_tokens=special,
+        n_words=vocab_size,
+        bos_token=tokens[ids["bos"]] if "bos" in ids else None,
+        eos_token=eos,
+        pad_token=tokens[ids["pad"]],
+        stop_tokens=stop,
+        chat_format=chat_format,
+    )
+    return tokens, spec
+
+
+def default_system_prompt(template: str, tokenizer: Tokenizer) -> Optional[str]:
+    """The system message a Jinja chat template inserts when a dialog has none, or None.
+
+    Found by rendering a one-message dialog, reading the system text off where the tokenizer's chat format
+    puts it, and keeping it only if rendering the dialog with that system message gives the same text.
+    """
+    user = {"role": "user", "content": "Hello there."}
+    marker = "SYSTEM-MESSAGE-MARKER"
+    formatter = chat_format_for(tokenizer)
+    special = {v: k for k, v in tokenizer.special_tokens.items()}
+    try:
+        compiled = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+
+        def render(dialog: List[dict]) -> str:
+            return compiled.render(
+                messages=dialog,
+                add_generation_prompt=True,
+                bos_token=special.get(tokenizer.bos_id, ""),
+                eos_token=special[tokenizer.eos_id],
+                raise_exception=_raise_template_error,
+            )
+
+        rendered = render([user])
+        with_marker = tokenizer.decode(formatter.encode_dialog_prompt([{"role": "system", "content": marker}, user]))
+        prefix, _, suffix = with_marker.partition(marker)
+        if not (rendered.startswith(prefix) and rendered.endswith(suffix) and len(rendered) > len(prefix) + len(suffix)):
+            return None
+        system = rendered[len(prefix) : len(rendered) - len(suffix)]
+        return system if render([{"role": "system", "content": system}, user]) == rendered else None
+    except (jinja2.TemplateError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _raise_template_error(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def convert_gguf(gguf_path: Union[str, Path], out_dir: Union[str, Path], dtype: str = "float32") -> Path:
+    """Write the Llama GGUF model at `gguf_path` as a Meta checkpoint directory `out_dir` (which must not exist
+    or be empty) with weights in `dtype`; returns `out_dir`."""
+    torch_dtype = pick_dtype(dtype, torch.device("cpu"))
+    model = GGUFFile(Path(gguf_path))
+    params = model_params(model)
+    tokens, spec = tokenizer_spec(model, params["vocab_size"])
+    ranks = ranks_from_byte_level_vocab(tokens, set(spec.special_tokens.values()))
+    state = read_weights(model, params, torch_dtype)
+    out_dir = Path(out_dir)
+    with staged_directory(out_dir) as staging:
+        write_tokenizer(staging, ranks, spec)
+        template = model.get("tokenizer.chat_template", None)
+        if template is not None:
+            spec.default_system_prompt = default_system_prompt(str(template), Tokenizer(str(staging / "tokenizer.model")))
+            spec.save(staging / SPEC_FILE)
+        (staging / "params.json").write_text(json.dumps(params, indent=1))
+        torch.save(state, staging / "consolidated.00.pth")
+    return out_dir
+
+
+if __name__ == "__main__":
+    run_cli(convert_gguf)

@@ -1,0 +1,134 @@
+"""Generation API: streaming equals the batch result, stop strings, per-sequence stopping, input checks."""
+
+import pytest
+import torch
+
+from llama import Llama
+
+PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "1, 2, 3,"]
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_ckpt) -> Llama:
+    return Llama.build(tiny_ckpt, max_seq_len=48, max_batch_size=4, dtype="float32")
+
+
+def test_stream_equals_completion(generator):
+    for stop in ([], ["e", "a"], [" the"]):
+        expected = [r["generation"] for r in generator.text_completion(PROMPTS, temperature=0, max_gen_len=20, stop=stop)]
+        streamed = [""] * len(PROMPTS)
+        for index, text in generator.stream_text(PROMPTS, temperature=0, max_gen_len=20, stop=stop):
+            streamed[index] += text
+        assert streamed == expected
+
+
+def test_stop_strings_end_each_sequence_on_its_own(generator):
+    full = [r["generation"] for r in generator.text_completion(PROMPTS, temperature=0, max_gen_len=20)]
+    stop = full[1][3:6]  # occurs early in the second sequence only, or at least later in the others
+    cut = [r["generation"] for r in generator.text_completion(PROMPTS, temperature=0, max_gen_len=20, stop=[stop])]
+    assert cut == [text[: text.find(stop)] if stop in text else text for text in full]
+
+
+def test_finished_sequences_leave_the_batch(generator, monkeypatch):
+    batch_sizes = []
+    forward = generator.model.forward
+
+    def recording_forward(tokens, start_pos, **kwargs):
+        batch_sizes.append(tokens.shape[0])
+        return forward(tokens, start_pos, **kwargs)
+
+    monkeypatch.setattr(generator.model, "forward", recording_forward)
+    prompt_tokens = [generator.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    lengths = [2, 9, 5]
+    batched = [
+        generator.generate([p], n, temperature=0)[0][0] for p, n in zip(prompt_tokens, lengths)
+    ]  # each alone, for reference
+    batch_sizes.clear()
+    sequences = generator._sequences(prompt_tokens, 9, 0, 0.9, ())
+    for sequence, n in zip(sequences, lengths):
+        sequence.max_gen_len = n
+    for _ in generator._decode(sequences, 0, 0.9, logprobs=False):
+        pass
+    assert [s.tokens for s in sequences] == batched
+    assert batch_sizes[-1] == 1 and sorted(batch_sizes, reverse=True) == batch_sizes
+    assert len(batch_sizes) == max(len(p) for p in prompt_tokens) - min(len(p) for p in prompt_tokens) + 9
+
+
+def test_max_gen_len_none_fills_the_context(generator):
+    prompt = generator.tokenizer.encode("Count:", bos=True, eos=False)
+    tokens, _ = generator.generate([prompt], max_gen_len=generator.model.params.max_seq_len, temperature=0)
+    result = generator.text_completion(["Count:"], temperature=0, max_gen_len=None)
+    assert result[0]["generation"] == generator.tokenizer.decode(tokens[0])
+    assert len(prompt) + len(tokens[0]) <= generator.model.params.max_seq_len
+
+
+def test_logprobs_and_echo_shapes(generator):
+    result = generator.text_completion(PROMPTS[:2], temperature=0, max_gen_len=6, logprobs=True, echo=True)
+    for prompt, r in zip(PROMPTS, result):
+        assert r["generation"].startswith("<|begin_of_text|>" + prompt)
+        assert len(r["tokens"]) == len(r["logprobs"]) and r["logprobs"][0] == 0.0
+        assert all(lp <= 0 for lp in r["logprobs"])
+    chat = generator.chat_completion([[{"role": "user", "content": "hi"}]], max_gen_len=4, logprobs=True)
+    assert len(chat[0]["tokens"]) == len(chat[0]["logprobs"]) <= 4
+    assert chat[0]["generation"]["role"] == "assistant"
+
+
+def test_sampling_is_seeded(tiny_ckpt):
+    runs = []
+    for _ in range(2):
+        g = Llama.build(tiny_ckpt, max_seq_len=48, max_batch_size=4, dtype="float32", seed=7)
+        runs.append(g.text_completion(PROMPTS, temperature=1.0, top_p=0.95, max_gen_len=8))
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"prompts": PROMPTS * 2}, "exceed max_batch_size 4"),
+        ({"prompts": ["word " * 60]}, "leaves no room in max_seq_len 48"),
+        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"max_gen_len": 0}, "max_gen_len must be a positive integer"),
+        ({"prompts": "a string"}, "prompts must be a list of strings"),
+        ({"prompts": [1, 2]}, "prompts must be a list of strings"),
+        ({"stop": "\n"}, "stop must be a list of strings"),
+    ],
+)
+def test_bad_requests(generator, kwargs, match):
+    kwargs = {"prompts": PROMPTS, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        generator.text_completion(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        list(generator.stream_text(**kwargs))
+
+
+@pytest.mark.parametrize(
+    "dialogs,match",
+    [
+        ([[]], "non-empty"),
+        ([[{"role": "user", "content": None}]], "must be a str"),
+        ([[{"role": "bot", "content": "hi"}]], "role 'bot'"),
+        ("hello", "dialogs must be a list"),
+    ],
+)
+def test_bad_dialogs(generator, dialogs, match):
+    with pytest.raises(ValueError, match=match):
+        generator.chat_completion(dialogs)
+
+
+def test_bad_build_arguments(tiny_ckpt):
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        Llama.build(tiny_ckpt, device="cuda")
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        Llama.build(tiny_ckpt, dtype="float8")
+    with pytest.raises(ValueError, match="unknown device"):
+        Llama.build(tiny_ckpt, device="tpu:0")
+    with pytest.raises(ValueError, match="model_parallel_size 2 differs from the 1 launched"):
+        Llama.build(tiny_ckpt, model_parallel_size=2)
+
+
+def test_bfloat16_runs(tiny_ckpt):
+    g = Llama.build(tiny_ckpt, max_seq_len=32, max_batch_size=1, dtype="bfloat16")
+    assert g.model.output.weight.dtype == torch.bfloat16
+    assert len(g.generate([[128000, 791]], 4, temperature=0)[0][0]) <= 4
