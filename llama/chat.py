@@ -5,7 +5,6 @@ system prompt (and starts over), /exit quits (so does Ctrl-D). Ctrl-C stops the 
 conversation outgrows the context, the oldest turns are dropped; the system prompt stays.
 """
 
-import sys
 from typing import List, Optional
 
 import torch.distributed as dist
@@ -58,12 +57,12 @@ class ChatSession:
             print(f"[that message does not fit the {max_seq_len}-token context: shorten it]", flush=True)
             return
         self.turns.append(message)
-        dropped = self._drop_oldest_turns(room=min(self.max_gen_len, max_seq_len // 2))
-        if dropped:
-            print(f"[dropped the {dropped} oldest message(s) to fit the {max_seq_len}-token context]", flush=True)
-        room = max_seq_len - self._prompt_len()
         answer = ""
         try:
+            dropped = self._drop_oldest_turns(room=min(self.max_gen_len, max_seq_len // 2))
+            if dropped:
+                print(f"[dropped the {dropped} oldest message(s) to fit the {max_seq_len}-token context]", flush=True)
+            room = max_seq_len - self._prompt_len()
             stream = self.generator.stream_chat(
                 [self.dialog()], temperature=temperature, top_p=top_p, max_gen_len=min(self.max_gen_len, room)
             )
@@ -113,22 +112,24 @@ def chat(
     while True:
         try:
             line = _read_line("\n> ")
+            if line is None or line.strip() == "/exit":
+                break
+            _handle(session, line.strip(), temperature, top_p)
         except KeyboardInterrupt:
             print("\n(Ctrl-D or /exit quits)", flush=True)
-            continue
-        if line is None or line.strip() == "/exit":
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line == "/reset":
-            session.reset()
-            print("[conversation cleared]", flush=True)
-        elif line == "/system" or line.startswith("/system "):
-            session.reset(system=line[len("/system") :].strip())
-            print(f"[system prompt {'set' if session.system else 'cleared'}; conversation cleared]", flush=True)
-        elif line.startswith("/"):
-            print(f"[unknown command {line.split()[0]}] {HELP}", flush=True)
-        else:
-            session.ask(line, temperature, top_p)
-    sys.stdout.flush()
+
+
+def _handle(session: ChatSession, line: str, temperature: float, top_p: float) -> None:
+    """Run one command or send one message."""
+    if not line:
+        return
+    if line == "/reset":
+        session.reset()
+        print("[conversation cleared]", flush=True)
+    elif line == "/system" or line.startswith("/system "):
+        session.reset(system=line[len("/system") :].strip())
+        print(f"[system prompt {'set' if session.system else 'cleared'}; conversation cleared]", flush=True)
+    elif line.startswith("/"):
+        print(f"[unknown command {line.split()[0]}] {HELP}", flush=True)
+    else:
+        session.ask(line, temperature, top_p)

@@ -14,6 +14,7 @@ from .parallel import init_model_parallel, pick_device, pick_dtype
 from .sequence import GeneratedSequence
 from .chat_format import Dialog, Message, chat_format_for, check_dialog
 from .tokenizer import Tokenizer
+from .tool_calls import Tool
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -131,9 +132,13 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         stop: Sequence[str] = (),
+        tools: Optional[Sequence[Tool]] = None,
+        tool_prompt_format: str = "json",
     ) -> Iterator[Tuple[int, str]]:
-        """Stream the assistant's next message for each dialog as `(dialog index, new text)` pairs."""
-        return self.stream(self._encode_dialogs(dialogs), self._gen_len(max_gen_len), temperature, top_p, stop)
+        """Stream the assistant's next message for each dialog as `(dialog index, new text)` pairs (tool
+        calls arrive as their raw text; `chat_completion` parses them)."""
+        prompt_tokens = self._encode_dialogs(dialogs, tools, tool_prompt_format)
+        return self.stream(prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, stop)
 
     def text_completion(
         self,
@@ -162,23 +167,42 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         stop: Sequence[str] = (),
+        tools: Optional[Sequence[Tool]] = None,
+        tool_prompt_format: str = "json",
     ) -> List[ChatPrediction]:
-        """Generate the assistant's next message for each dialog."""
-        prompt_tokens = self._encode_dialogs(dialogs)
+        """Generate the assistant's next message for each dialog.
+
+        With `tools` (Llama 3.1 built-in tool names and custom tool definitions, see llama.tool_calls), the
+        prompt offers them and each generation is the parsed message: `{"role": "assistant", "content",
+        "stop_reason", "tool_calls"}`, content empty when the model called a tool.
+        """
+        prompt_tokens = self._encode_dialogs(dialogs, tools, tool_prompt_format)
         sequences = self._run(prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, logprobs, stop)
-        return [self._prediction({"role": "assistant", "content": s.text}, s, logprobs) for s in sequences]
+        predictions = []
+        for s in sequences:
+            if tools is None:
+                message = {"role": "assistant", "content": s.text}
+            else:
+                message = self.formatter.decode_assistant_message(s.tokens + [s.stop_token] * (s.stop_token is not None))
+            predictions.append(self._prediction(message, s, logprobs))
+        return predictions
 
     def _encode_prompts(self, prompts: List[str]) -> List[List[int]]:
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a list of strings")
         return [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
 
-    def _encode_dialogs(self, dialogs: List[Dialog]) -> List[List[int]]:
+    def _encode_dialogs(
+        self, dialogs: List[Dialog], tools: Optional[Sequence[Tool]] = None, tool_prompt_format: str = "json"
+    ) -> List[List[int]]:
         if not isinstance(dialogs, (list, tuple)):
             raise ValueError("dialogs must be a list of dialogs (lists of messages)")
         for dialog in dialogs:
             check_dialog(dialog)
-        return [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
+        return [
+            self.formatter.encode_dialog_prompt(dialog, tools=tools, tool_prompt_format=tool_prompt_format)
+            for dialog in dialogs
+        ]
 
     def _gen_len(self, max_gen_len: Optional[int]) -> int:
         return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len

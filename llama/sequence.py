@@ -22,6 +22,7 @@ class GeneratedSequence:
         self.token_logprobs: List[float] = []  # log-probability of every position after the first, prompt included
         self.text = ""  # released so far
         self.finish_reason: Optional[str] = None  # "stop" (stop token or string) or "length"
+        self.stop_token: Optional[int] = None  # the stop token that ended the sequence, if one did
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""  # decoded but not yet released
         self._text_ends: List[int] = []  # length of the decoded text after each token
@@ -34,6 +35,7 @@ class GeneratedSequence:
     def add(self, token: int, *, context_full: bool = False) -> str:
         """Take the next generated token; return the text it releases. `context_full`: no room for more."""
         if token in self.tokenizer.stop_tokens:
+            self.stop_token = token
             return self._finish("stop")
         self.tokens.append(token)
         self._held += self._decoder.decode(self.tokenizer.decode_bytes([token]))

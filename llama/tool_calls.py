@@ -124,6 +124,7 @@ def check_tool_call(call: Any, where: str) -> None:
 
 
 def check_tool_prompt_format(tool_prompt_format: str) -> None:
+    """Raise ValueError unless `tool_prompt_format` is one of TOOL_PROMPT_FORMATS."""
     if tool_prompt_format not in TOOL_PROMPT_FORMATS:
         raise ValueError(f"unknown tool_prompt_format {tool_prompt_format!r}: use one of {', '.join(TOOL_PROMPT_FORMATS)}")
 

@@ -28,6 +28,7 @@ def tiny_chat(tiny_ckpt):
 
 def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_chat):
     tiny_chat.sendline("Tell me a very long story")
+    tiny_chat.expect("story\r\n")  # the terminal's echo of the question
     tiny_chat.expect(r"\S{3}")  # the answer has started streaming
     tiny_chat.sendintr()
     tiny_chat.expect(r"\[answer stopped\]")

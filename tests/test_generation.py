@@ -132,3 +132,16 @@ def test_bfloat16_runs(tiny_ckpt):
     g = Llama.build(tiny_ckpt, max_seq_len=32, max_batch_size=1, dtype="bfloat16")
     assert g.model.output.weight.dtype == torch.bfloat16
     assert len(g.generate([[128000, 791]], 4, temperature=0)[0][0]) <= 4
+
+
+def test_chat_with_tools_returns_parsed_messages(tiny_ckpt):
+    generator = Llama.build(tiny_ckpt, max_seq_len=128, max_batch_size=1, dtype="float32")
+    dialog = [{"role": "user", "content": "What is the weather in Paris?"}]
+    plain = generator.chat_completion([dialog], temperature=0, max_gen_len=6)
+    assert set(plain[0]["generation"]) == {"role", "content"}
+    result = generator.chat_completion([dialog], temperature=0, max_gen_len=6, tools=["brave_search"])
+    message = result[0]["generation"]
+    assert set(message) == {"role", "content", "stop_reason", "tool_calls"}
+    assert message["stop_reason"] in ("end_of_turn", "end_of_message", "out_of_tokens")
+    streamed = "".join(text for _, text in generator.stream_chat([dialog], temperature=0, max_gen_len=6, tools=["brave_search"]))
+    assert streamed == message["content"] or message["tool_calls"]
