@@ -1,0 +1,41 @@
+"""Convert checkpoints between Meta's format, Hugging Face's and GGUF.
+
+    python -m llama.convert from_gguf --gguf_path model.gguf --out_dir D [--dtype bfloat16]
+    python -m llama.convert from_hf --hf_dir X --out_dir D [--dtype bfloat16]
+    python -m llama.convert to_hf --ckpt_dir X --out_dir D [--dtype bfloat16] [--max_shard_bytes N]
+
+from_gguf and from_hf write a Meta checkpoint directory (params.json, consolidated.00.pth, tokenizer.model,
+tokenizer_spec.json unless the tokenizer is Meta's Llama 3 one, checklist.chk). to_hf writes a Hugging Face
+directory (config.json, generation_config.json, model.safetensors or shards with an index, tokenizer.json,
+tokenizer_config.json) that transformers, vLLM and other Hugging Face tools load. `--dtype` defaults to the
+source's (float32 for GGUF). The output directory must not exist or be empty; it appears only once complete,
+so an interrupted conversion leaves nothing behind.
+"""
+
+import functools
+from pathlib import Path
+from typing import Callable
+
+from .cli import run_cli
+from .gguf_import import convert_gguf
+from .hf import convert_hf, export_hf
+
+
+def announcing(convert: Callable[..., Path], what: str) -> Callable[..., None]:
+    """`convert` as a command that prints where it wrote `what`."""
+
+    @functools.wraps(convert)
+    def command(*args, **kwargs) -> None:
+        print(f"wrote {what} to {convert(*args, **kwargs)}")
+
+    return command
+
+
+COMMANDS = {
+    "from_gguf": announcing(convert_gguf, "a Meta checkpoint"),
+    "from_hf": announcing(convert_hf, "a Meta checkpoint"),
+    "to_hf": announcing(export_hf, "a Hugging Face checkpoint"),
+}
+
+if __name__ == "__main__":
+    run_cli(COMMANDS)
