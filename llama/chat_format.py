@@ -66,6 +66,31 @@ def check_dialog(dialog: Dialog) -> None:
             check_tool_call(call, f"message {i} tool call {j}")
 
 
+# The roles that may follow each role (None: the start of the dialog) in a dialog awaiting a reply.
+NEXT_ROLES: Dict[Optional[str], Sequence[str]] = {
+    None: ("system", "user"),
+    "system": ("user",),
+    "user": ("assistant",),
+    "assistant": ("user", "ipython"),
+    "ipython": ("assistant", "ipython"),
+}
+
+
+def check_turn_order(dialog: Dialog) -> None:
+    """Raise ValueError unless the dialog awaits the assistant's reply: an optional system message, then user and
+    assistant messages in turn (tool results, role ipython, after an assistant message), ending with the user's
+    message or a tool result."""
+    previous = None
+    for i, message in enumerate(dialog):
+        if message["role"] not in NEXT_ROLES[previous]:
+            after = f"follow a {previous} message" if previous else "start a dialog"
+            expected = " or ".join(NEXT_ROLES[previous])
+            raise ValueError(f"message {i} ({message['role']}) cannot {after}: expected {expected}")
+        previous = message["role"]
+    if previous not in ("user", "ipython"):
+        raise ValueError("the last message must be the user's (or a tool result): the assistant's reply comes next")
+
+
 class ChatFormat:
     """Llama 3: `<|begin_of_text|>`, then `<|start_header_id|>role<|end_header_id|>\\n\\n` + content +
     `<|eot_id|>` per message, then an open assistant header. With tools, Llama 3.1's tool calling."""

@@ -12,7 +12,7 @@ from .checkpoint import CheckpointError, ShardedCheckpoint, read_params
 from .model import ModelArgs, Transformer, skip_weight_init
 from .parallel import init_model_parallel, pick_device, pick_dtype
 from .sequence import GeneratedSequence
-from .chat_format import Dialog, Message, chat_format_for, check_dialog
+from .chat_format import Dialog, Message, chat_format_for, check_dialog, check_turn_order
 from .tokenizer import Tokenizer
 from .tool_calls import Tool
 
@@ -89,13 +89,14 @@ class Llama:
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
+        truncate_prompt: bool = False,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt by up to `max_gen_len` tokens, stopping at the tokenizer's stop tokens.
 
         Returns the new tokens of each prompt (the prompt too with `echo`), stop token excluded, and with
         `logprobs` the log-probability of each returned token. temperature 0 decodes greedily.
         """
-        sequences = self._run(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        sequences = self._run(prompt_tokens, max_gen_len, temperature, top_p, logprobs, (), truncate_prompt)
         out_tokens = [(s.prompt if echo else []) + s.tokens for s in sequences]
         if not logprobs:
             return out_tokens, None
@@ -108,9 +109,10 @@ class Llama:
         temperature: float = 0.6,
         top_p: float = 0.9,
         stop: Sequence[str] = (),
+        truncate_prompt: bool = False,
     ) -> Iterator[Tuple[int, str]]:
         """Yield `(prompt index, new text)` as each sequence produces text; see `text_completion` for the rest."""
-        sequences = self._sequences(prompt_tokens, max_gen_len, temperature, top_p, stop)
+        sequences = self._sequences(prompt_tokens, max_gen_len, temperature, top_p, stop, truncate_prompt)
         for events in self._decode(sequences, temperature, top_p, logprobs=False):
             yield from events
 
@@ -121,9 +123,11 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         stop: Sequence[str] = (),
+        truncate_prompt: bool = False,
     ) -> Iterator[Tuple[int, str]]:
         """Stream completions of `prompts` as `(prompt index, new text)` pairs."""
-        return self.stream(self._encode_prompts(prompts), self._gen_len(max_gen_len), temperature, top_p, stop)
+        prompt_tokens = self._encode_prompts(prompts)
+        return self.stream(prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, stop, truncate_prompt)
 
     def stream_chat(
         self,
@@ -134,11 +138,12 @@ class Llama:
         stop: Sequence[str] = (),
         tools: Optional[Sequence[Tool]] = None,
         tool_prompt_format: str = "json",
+        truncate_prompt: bool = False,
     ) -> Iterator[Tuple[int, str]]:
         """Stream the assistant's next message for each dialog as `(dialog index, new text)` pairs (tool
         calls arrive as their raw text; `chat_completion` parses them)."""
         prompt_tokens = self._encode_dialogs(dialogs, tools, tool_prompt_format)
-        return self.stream(prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, stop)
+        return self.stream(prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, stop, truncate_prompt)
 
     def text_completion(
         self,
@@ -149,11 +154,16 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
         stop: Sequence[str] = (),
+        truncate_prompt: bool = False,
     ) -> List[CompletionPrediction]:
         """Complete each prompt. `max_gen_len=None` fills the rest of the context; generation also ends
-        at any of the `stop` strings, which are left out of the result."""
+        at any of the `stop` strings, which are left out of the result. A prompt too long for the context is
+        an error, unless `truncate_prompt` keeps its most recent tokens: as many as leave room for
+        `max_gen_len` new ones, and at least half the context."""
         prompt_tokens = self._encode_prompts(prompts)
-        sequences = self._run(prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, logprobs, stop)
+        sequences = self._run(
+            prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, logprobs, stop, truncate_prompt
+        )
         return [
             self._prediction((self.tokenizer.decode(s.prompt) if echo else "") + s.text, s, logprobs, echo)
             for s in sequences
@@ -169,6 +179,7 @@ class Llama:
         stop: Sequence[str] = (),
         tools: Optional[Sequence[Tool]] = None,
         tool_prompt_format: str = "json",
+        truncate_prompt: bool = False,
     ) -> List[ChatPrediction]:
         """Generate the assistant's next message for each dialog.
 
@@ -177,7 +188,9 @@ class Llama:
         "stop_reason", "tool_calls"}`, content empty when the model called a tool.
         """
         prompt_tokens = self._encode_dialogs(dialogs, tools, tool_prompt_format)
-        sequences = self._run(prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, logprobs, stop)
+        sequences = self._run(
+            prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, logprobs, stop, truncate_prompt
+        )
         predictions = []
         for s in sequences:
             if tools is None:
@@ -199,6 +212,7 @@ class Llama:
             raise ValueError("dialogs must be a list of dialogs (lists of messages)")
         for dialog in dialogs:
             check_dialog(dialog)
+            check_turn_order(dialog)
         return [
             self.formatter.encode_dialog_prompt(dialog, tools=tools, tool_prompt_format=tool_prompt_format)
             for dialog in dialogs
@@ -218,7 +232,13 @@ class Llama:
         }
 
     def _sequences(
-        self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float, stop: Sequence[str]
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float,
+        top_p: float,
+        stop: Sequence[str],
+        truncate_prompt: bool = False,
     ) -> List[GeneratedSequence]:
         """Check the request and start a sequence per prompt."""
         params = self.model.params
@@ -229,14 +249,17 @@ class Llama:
                 f"{len(prompt_tokens)} prompts exceed max_batch_size {params.max_batch_size}: "
                 f"pass fewer prompts or build with a larger max_batch_size"
             )
-        longest = max(len(t) for t in prompt_tokens)
-        if longest >= params.max_seq_len:
-            raise ValueError(
-                f"a prompt of {longest} tokens leaves no room in max_seq_len {params.max_seq_len}: "
-                f"shorten it or build with a larger max_seq_len"
-            )
         if not isinstance(max_gen_len, int) or max_gen_len < 1:
             raise ValueError(f"max_gen_len must be a positive integer, got {max_gen_len}")
+        longest = max(len(t) for t in prompt_tokens)
+        if longest >= params.max_seq_len and not truncate_prompt:
+            raise ValueError(
+                f"a prompt of {longest} tokens leaves no room in max_seq_len {params.max_seq_len}: shorten it, "
+                f"build with a larger max_seq_len, or pass truncate_prompt=True to keep its most recent tokens"
+            )
+        if longest >= params.max_seq_len:
+            keep = params.max_seq_len - min(max_gen_len, params.max_seq_len // 2)
+            prompt_tokens = [p[-keep:] if len(p) >= params.max_seq_len else p for p in prompt_tokens]
         if not isinstance(temperature, (int, float)) or temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
         if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
@@ -245,9 +268,11 @@ class Llama:
             raise ValueError("stop must be a list of strings")
         return [GeneratedSequence(list(p), self.tokenizer, max_gen_len, stop) for p in prompt_tokens]
 
-    def _run(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs=False, stop=()) -> List[GeneratedSequence]:
+    def _run(
+        self, prompt_tokens, max_gen_len, temperature, top_p, logprobs=False, stop=(), truncate_prompt=False
+    ) -> List[GeneratedSequence]:
         """Generate every sequence to its end without streaming."""
-        sequences = self._sequences(prompt_tokens, max_gen_len, temperature, top_p, stop)
+        sequences = self._sequences(prompt_tokens, max_gen_len, temperature, top_p, stop, truncate_prompt)
         for _ in self._decode(sequences, temperature, top_p, logprobs):
             pass
         return sequences

@@ -145,3 +145,30 @@ def test_chat_with_tools_returns_parsed_messages(tiny_ckpt):
     assert message["stop_reason"] in ("end_of_turn", "end_of_message", "out_of_tokens")
     streamed = "".join(text for _, text in generator.stream_chat([dialog], temperature=0, max_gen_len=6, tools=["brave_search"]))
     assert streamed == message["content"] or message["tool_calls"]
+
+
+@pytest.mark.parametrize(
+    "dialog,match",
+    [
+        ([{"role": "assistant", "content": "hi"}], r"message 0 \(assistant\) cannot start a dialog: expected system or user"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], r"message 1 \(user\) cannot follow a user message"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], r"message 1 \(system\) cannot follow"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "the last message must be the user's"),
+        ([{"role": "user", "content": "a"}, {"role": "ipython", "content": "b"}], r"message 1 \(ipython\) cannot follow a user message"),
+    ],
+)
+def test_dialogs_out_of_order(generator, dialog, match):
+    with pytest.raises(ValueError, match=match):
+        generator.chat_completion([dialog])
+
+
+def test_truncate_prompt_keeps_the_most_recent_tokens(generator):
+    long_prompt = " ".join(f"w{i}" for i in range(60))
+    with pytest.raises(ValueError, match="truncate_prompt=True"):
+        generator.text_completion([long_prompt], max_gen_len=8)
+    tokens = generator.tokenizer.encode(long_prompt, bos=True, eos=False)
+    truncated = generator.generate([tokens], 8, temperature=0, truncate_prompt=True)[0][0]
+    kept = tokens[-(48 - 8) :]
+    assert truncated == generator.generate([kept], 8, temperature=0)[0][0]
+    result = generator.text_completion([long_prompt], max_gen_len=8, temperature=0, truncate_prompt=True)
+    assert result[0]["generation"] == generator.tokenizer.decode(truncated)
