@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,21 @@ def test_loading_two_shards_into_one_process_peaks_near_model_size(tmp_path):
     growth = int(result.stdout.strip().splitlines()[-1])
     print(f"peak RSS growth {growth / model_bytes:.2f}x the model's {model_bytes / 2**20:.0f} MiB")
     assert growth <= 1.25 * model_bytes
+
+
+def test_killed_reshard_leaves_the_previous_state(tmp_path):
+    params = {**TINY_PARAMS, "dim": 256, "n_layers": 4}
+    ckpt = write_checkpoint(tmp_path / "c", params, random_state_dict(params), 2, torch.float32)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "llama.reshard", "--ckpt_dir", str(ckpt), "--out_dir", str(out),
+               "--model_parallel_size", "1"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".out.partial-") and any(p.iterdir()) for p in tmp_path.iterdir()):
+        assert process.poll() is None and time.monotonic() < deadline, "the reshard ended before it could be killed"
+        time.sleep(0.005)
+    process.kill()
+    process.wait()
+    assert not out.exists()
+    subprocess.run(command, cwd=ROOT, check=True, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(["md5sum", "--quiet", "-c", "checklist.chk"], cwd=out, check=True)
