@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from llama import Llama
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 ANY_TEXT = st.text(st.characters(codec="utf-8"), max_size=300)
 
 
