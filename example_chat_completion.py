@@ -1,17 +1,23 @@
-"""Chat with an instruction-tuned Llama 3 model.
+"""Chat with an instruction-tuned Llama 3 model, or without --ckpt_dir with the small bundled demo model
+(SmolLM2-135M-Instruct, converted on first use).
 
     torchrun --nproc_per_node 1 example_chat_completion.py --ckpt_dir Meta-Llama-3-8B-Instruct/
     python example_chat_completion.py --ckpt_dir Meta-Llama-3-8B-Instruct/
+    python example_chat_completion.py
 """
 
 from typing import List, Optional
 
 from llama import Dialog, Llama
-from llama.cli import run_cli
+from llama.cli import print_streams, run_cli
+from llama.demo import demo_checkpoint_dir
+
+# The demo model often rambles on until the context is full; cap its replies.
+DEMO_MAX_GEN_LEN = 128
 
 
 def main(
-    ckpt_dir: str,
+    ckpt_dir: Optional[str] = None,
     tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
@@ -21,7 +27,11 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
 ):
-    """Dialogs are lists of {"role", "content"} messages; the model writes the next assistant message."""
+    """Dialogs are lists of {"role", "content"} messages; the model writes the next assistant message.
+    Without `ckpt_dir`, chats with the demo model, replies capped at DEMO_MAX_GEN_LEN tokens by default."""
+    if ckpt_dir is None:
+        ckpt_dir = str(demo_checkpoint_dir())
+        max_gen_len = DEMO_MAX_GEN_LEN if max_gen_len is None else max_gen_len
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
@@ -53,12 +63,11 @@ def main(
     ]
     for start in range(0, len(dialogs), max_batch_size):
         batch = dialogs[start : start + max_batch_size]
-        results = generator.chat_completion(batch, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
-        for dialog, result in zip(batch, results):
-            for message in dialog:
-                print(f"{message['role'].capitalize()}: {message['content']}\n")
-            print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
-            print("\n==================================\n")
+        stream = generator.stream_chat(batch, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        headers = [
+            "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in dialog) + "> Assistant: " for dialog in batch
+        ]
+        print_streams(stream, headers)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,20 @@
-"""Complete a few prompts with a pretrained Llama 3 model.
+"""Complete a few prompts with a pretrained Llama 3 model, or without --ckpt_dir with the small bundled demo
+model (SmolLM2-135M-Instruct, converted on first use).
 
     torchrun --nproc_per_node 1 example_text_completion.py --ckpt_dir Meta-Llama-3-8B/
     python example_text_completion.py --ckpt_dir Meta-Llama-3-8B/
+    python example_text_completion.py
 """
 
 from typing import Optional
 
 from llama import Llama
-from llama.cli import run_cli
+from llama.cli import print_streams, run_cli
+from llama.demo import demo_checkpoint_dir
 
 
 def main(
-    ckpt_dir: str,
+    ckpt_dir: Optional[str] = None,
     tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
@@ -21,9 +24,10 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
 ):
-    """Prompts are plain text the model continues; `tokenizer_path` defaults to ckpt_dir/tokenizer.model."""
+    """Prompts are plain text the model continues; `tokenizer_path` defaults to ckpt_dir/tokenizer.model.
+    Without `ckpt_dir`, uses the demo model."""
     generator = Llama.build(
-        ckpt_dir=ckpt_dir,
+        ckpt_dir=ckpt_dir or demo_checkpoint_dir(),
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
@@ -49,11 +53,8 @@ def main(
     ]
     for start in range(0, len(prompts), max_batch_size):
         batch = prompts[start : start + max_batch_size]
-        results = generator.text_completion(batch, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
-        for prompt, result in zip(batch, results):
-            print(prompt)
-            print(f"> {result['generation']}")
-            print("\n==================================\n")
+        stream = generator.stream_text(batch, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        print_streams(stream, [f"{prompt}\n> " for prompt in batch])
 
 
 if __name__ == "__main__":

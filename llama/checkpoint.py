@@ -108,10 +108,10 @@ def rank_range(key: str, size: int, args: ModelArgs, rank: int, world_size: int)
     return rank * part, (rank + 1) * part
 
 
-def _release_pages(tensor: torch.Tensor) -> None:
-    """Let the kernel drop the resident memory-mapped pages that lie wholly inside `tensor`'s span (Linux only).
-
-    Shards are mapped privately and never written, so a dropped page reads back from the file if touched again.
+def release_pages(tensor: torch.Tensor) -> None:
+    """Let the kernel drop the resident pages that lie wholly inside `tensor`'s span (Linux only): memory-mapped
+    shard pages read back from the file if touched again (shards are mapped privately and never written), while
+    other memory reads back as zeros, so use it only on tensors nothing needs any more.
     """
     if not sys.platform.startswith("linux") or tensor.numel() == 0:
         return
@@ -128,7 +128,7 @@ def _copy_releasing(dst: torch.Tensor, src: torch.Tensor) -> None:
     rows = max(1, COPY_BLOCK_BYTES // max(row_bytes, 1))
     for row in range(0, src.shape[0], rows):
         dst[row : row + rows].copy_(src[row : row + rows])
-        _release_pages(src[row : row + rows])
+        release_pages(src[row : row + rows])
 
 
 class ShardedCheckpoint:
@@ -238,6 +238,26 @@ def write_checklist(directory: Path) -> None:
     (Path(directory) / "checklist.chk").write_text("".join(lines))
 
 
+def _remove_abandoned_stagings(out_dir: Path) -> None:
+    """Remove staging directories for `out_dir` left by killed processes of this machine (a process that cannot
+    clean up, e.g. after SIGKILL); those of running processes stay."""
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.partial-(\d+)-")
+    for path in out_dir.parent.iterdir():
+        match = pattern.match(path.name)
+        if match and path.is_dir() and not _process_exists(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def staged_directory(out_dir: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `out_dir` to write into; on success add checklist.chk and rename it
@@ -246,7 +266,8 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not empty: choose a new output directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    _remove_abandoned_stagings(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
     try:
         yield staging
         write_checklist(staging)

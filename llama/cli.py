@@ -1,11 +1,12 @@
 """Running a command-line entry point: user mistakes end in a one-line error, not a traceback."""
 
 import sys
-from typing import Callable
+from typing import Callable, Iterable, List, Tuple
 
 import fire
 
 from .checkpoint import CheckpointError
+from .generation import in_prompt_order
 
 
 def run_cli(command: Callable) -> None:
@@ -18,3 +19,16 @@ def run_cli(command: Callable) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def print_streams(stream: Iterable[Tuple[int, str]], headers: List[str]) -> None:
+    """Print the texts of a batch's `stream` one after another, each after its header and live once it is
+    its turn (the batch is still generated together)."""
+    shown = -1
+    for index, text in in_prompt_order(stream, len(headers)):
+        if index != shown:
+            shown = index
+            print(headers[index], end="")
+        print(text, end="", flush=True)
+        if not text:
+            print("\n\n==================================\n")

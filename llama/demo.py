@@ -4,7 +4,7 @@ Meta checkpoint directory in a cache folder, so the examples run with no downloa
 import importlib.util
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 from .gguf_import import convert_gguf
 
@@ -40,7 +40,8 @@ def demo_checkpoint_dir(cache_dir: Union[str, Path, None] = None) -> Path:
     if _complete(out_dir):
         return out_dir
     gguf_path = demo_gguf_path()
-    print(f"Converting the demo model {gguf_path.name} into {out_dir} (once)")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"Converting the demo model {gguf_path.name} into {out_dir} (once)")
     try:
         convert_gguf(gguf_path, out_dir)
     except OSError:  # another process's directory landed first

@@ -4,12 +4,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
-from .checkpoint import CheckpointError, ShardedCheckpoint, read_params
-from .model import ModelArgs, Transformer, skip_weight_init
+from .checkpoint import CheckpointError, ShardedCheckpoint, read_params, release_pages
+from .model import ModelArgs, Transformer, can_pack, skip_weight_init
+from .quantize import quantize_model
 from .parallel import init_model_parallel, pick_device, pick_dtype
 from .sequence import GeneratedSequence
 from .chat_format import Dialog, Message, chat_format_for, check_dialog, check_turn_order
@@ -42,11 +43,16 @@ class Llama:
         seed: int = 1,
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
+        quantize: Optional[str] = None,
+        prepack: bool = True,
     ) -> "Llama":
         """Load a Meta checkpoint directory (params.json, consolidated.NN.pth) on this process's share of ranks.
 
         Works under `torchrun --nproc_per_node N` (any N the model's head counts allow, whatever the number of
         shards) and in a plain Python process. `tokenizer_path` defaults to `ckpt_dir/tokenizer.model`.
+        `quantize="int8"` stores the linear layers' weights as int8 (see llama.quantize). On the CPU, float32 and
+        bfloat16 weights are prepacked for oneDNN (see PackedLinear): much faster, but the model is then for
+        inference only and its logits differ from the plain layers' by rounding; `prepack=False` keeps plain layers.
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError("max_seq_len and max_batch_size must be positive integers")
@@ -72,6 +78,10 @@ class Llama:
             model = Transformer(model_args)
         model.load_state_dict(checkpoint.rank_state_dict(rank, world_size, dtype, device), assign=True, strict=True)
         model.requires_grad_(False)
+        if quantize:
+            quantize_model(model, quantize)
+        elif prepack and can_pack(dtype, device):
+            model.pack_weights(release=release_pages)  # the loaded weights are the model's own
         model.setup_caches(dtype, device)
         print(f"Loaded {ckpt_dir} ({checkpoint.num_shards} shard(s) on {world_size} process(es)) in {time.time() - start:.2f} s")
         return Llama(model, tokenizer)
@@ -111,7 +121,8 @@ class Llama:
         stop: Sequence[str] = (),
         truncate_prompt: bool = False,
     ) -> Iterator[Tuple[int, str]]:
-        """Yield `(prompt index, new text)` as each sequence produces text; see `text_completion` for the rest."""
+        """Yield `(prompt index, new text)` as each sequence produces text, then `(prompt index, "")` once
+        it has finished; see `text_completion` for the rest."""
         sequences = self._sequences(prompt_tokens, max_gen_len, temperature, top_p, stop, truncate_prompt)
         for events in self._decode(sequences, temperature, top_p, logprobs=False):
             yield from events
@@ -281,7 +292,8 @@ class Llama:
     def _decode(
         self, sequences: List[GeneratedSequence], temperature: float, top_p: float, logprobs: bool
     ) -> Iterator[List[Tuple[int, str]]]:
-        """The decode loop: after each step, yield `(sequence index, new text)` for the sequences that have some.
+        """The decode loop: after each step, yield `(sequence index, new text)` for the sequences that have some,
+        and `(sequence index, "")` for those that have just finished.
 
         Prompts advance in lockstep from the shortest one's end: longer prompts are fed their own tokens until
         they too generate. A finished sequence leaves the batch (its rows of the KV cache are compacted away),
@@ -316,6 +328,7 @@ class Llama:
                 if text:
                     events.append((index, text))
                 if sequence.finished:
+                    events.append((index, ""))
                     done.append(row)
             if events:
                 yield events
@@ -360,3 +373,19 @@ def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     sorted_probs.div_(sorted_probs.sum(dim=-1, keepdim=True))
     choice = torch.multinomial(sorted_probs, num_samples=1)
     return torch.gather(order, -1, choice)
+
+
+def in_prompt_order(stream: Iterable[Tuple[int, str]], count: int) -> Iterator[Tuple[int, str]]:
+    """Reorder the events of `stream` (over `count` sequences) to run one sequence after another: each
+    sequence's text arrives as soon as every earlier sequence has finished, live from then on."""
+    pending: List[List[str]] = [[] for _ in range(count)]  # events of the sequences after the current one
+    current = 0
+    for index, text in stream:
+        if index != current:
+            pending[index].append(text)
+            continue
+        yield index, text
+        while text == "" and current + 1 < count:  # the current sequence has finished: catch up on the next
+            current += 1
+            yield from ((current, piece) for piece in pending[current])
+            text = pending[current][-1] if pending[current] else None

@@ -1,7 +1,7 @@
 """Convert a Llama-architecture GGUF file (llama.cpp's format, any quantization `gguf` can dequantize) into
 a Meta checkpoint directory: params.json, consolidated.00.pth, tokenizer.model, tokenizer_spec.json.
 
-    python -m llama.gguf_import model.gguf out_dir/ [--dtype bfloat16]
+    python -m llama.convert from_gguf --gguf_path model.gguf --out_dir D [--dtype bfloat16]
 
 GGUF stores query/key rows in Meta's interleaved RoPE layout already, so every weight is taken as is.
 """
@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .bpe import pretokenizer_pattern, ranks_from_byte_level_vocab, write_tokenizer
 from .chat_format import chat_format_for
 from .checkpoint import CheckpointError, parameter_layout, staged_directory
-from .cli import run_cli
+from .hf import ffn_params
 from .model import ModelArgs, rope_frequencies
 from .parallel import pick_dtype
 from .tokenizer import SPEC_FILE, Tokenizer, TokenizerSpec
@@ -84,7 +84,7 @@ class GGUFFile:
             return default
         return self.reader.fields[key].contents()
 
-    def model(self, name: str) -> object:
+    def hparam(self, name: str) -> object:
         """The architecture's hyperparameter `name`, e.g. "embedding_length"."""
         return self.get(f"{self.arch}.{name}")
 
@@ -94,18 +94,6 @@ def _float32_value(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _ffn_params(dim: int, hidden: int) -> Dict[str, object]:
-    """multiple_of and, if needed, ffn_dim_multiplier with which ModelArgs.ffn_hidden_dim is exactly `hidden`."""
-    base = int(2 * (4 * dim) / 3)
-    multipliers = [None, *(round(hidden / base, digits) for digits in range(1, 7)), hidden / base]
-    for multiple_of in (256, hidden):
-        for multiplier in multipliers:
-            params = {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}
-            if ModelArgs(dim=dim, n_heads=1, **params).ffn_hidden_dim == hidden:
-                return {k: v for k, v in params.items() if v is not None}
-    raise AssertionError(f"no multiple_of/ffn_dim_multiplier reproduce feed_forward_length {hidden} at dim {dim}")
-
-
 def model_params(model: GGUFFile) -> Dict[str, object]:
     """Meta's params.json for the GGUF's hyperparameters (RoPE scaling decided later, from the tensors)."""
     if model.get(f"{model.arch}.expert_count", 0):
@@ -113,20 +101,23 @@ def model_params(model: GGUFFile) -> Dict[str, object]:
     scaling = model.get(f"{model.arch}.rope.scaling.type", "none")
     if scaling != "none":
         raise CheckpointError(f"{model.path} uses {scaling!r} RoPE scaling: only Llama 3.1's scaling converts")
-    dim, n_heads = int(model.model("embedding_length")), int(model.model("attention.head_count"))
+    dim, n_heads = int(model.hparam("embedding_length")), int(model.hparam("attention.head_count"))
     params = {
         "dim": dim,
-        "n_layers": int(model.model("block_count")),
+        "n_layers": int(model.hparam("block_count")),
         "n_heads": n_heads,
-        "n_kv_heads": int(model.model("attention.head_count_kv")),
+        "n_kv_heads": int(model.hparam("attention.head_count_kv")),
         "vocab_size": int(model.get(f"{model.arch}.vocab_size", None) or len(model.get("tokenizer.ggml.tokens"))),
-        **_ffn_params(dim, int(model.model("feed_forward_length"))),
-        "norm_eps": _float32_value(model.model("attention.layer_norm_rms_epsilon")),
-        "rope_theta": _float32_value(model.model("rope.freq_base")),
+        **ffn_params(dim, int(model.hparam("feed_forward_length"))),
+        "norm_eps": _float32_value(model.hparam("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _float32_value(model.hparam("rope.freq_base")),
         "use_scaled_rope": False,
     }
-    if dim % n_heads:
-        raise CheckpointError(f"{model.path}: embedding_length {dim} does not divide by head_count {n_heads}")
+    if dim % n_heads or n_heads % params["n_kv_heads"]:
+        raise CheckpointError(
+            f"{model.path}: embedding_length {dim} must divide by head_count {n_heads}, and that by "
+            f"head_count_kv {params['n_kv_heads']}: the file's metadata is corrupt"
+        )
     head_dim = dim // n_heads
     for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
         value = model.get(f"{model.arch}.{key}", head_dim)
@@ -151,16 +142,15 @@ def _check_llama31_scaling(model: GGUFFile, factors: np.ndarray, params: Dict[st
 
 def _dequantized(tensor: "gguf.ReaderTensor") -> torch.Tensor:
     """A GGUF tensor as float32 in PyTorch's (rows, columns) order."""
+    shape = [int(n) for n in reversed(tensor.shape)]
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        return torch.from_numpy(np.require(values, np.float32, ["C", "W"]).reshape(shape))
     except NotImplementedError:
         raise CheckpointError(
             f"tensor {tensor.name} is stored as {tensor.tensor_type.name}, which the installed gguf package cannot "
             f"dequantize: upgrade it (pip install -U gguf) or use another quantization of the model"
         ) from None
-    shape = [int(n) for n in reversed(tensor.shape)]
-    try:
-        return torch.from_numpy(np.require(values, np.float32, ['C', 'W']).reshape(shape))
     except ValueError:
         raise CheckpointError(f"tensor {tensor.name} of the GGUF file is truncated: download the file again") from None
 
@@ -234,12 +224,13 @@ def tokenizer_spec(model: GGUFFile, vocab_size: int) -> Tuple[List[str], Tokeniz
     special.update({tokens[i]: i for i in ids.values()})  # BOS/EOS/pad are special whatever their type
     eos = tokens[ids["eos"]]
     stop = [eos, *(t for t in STOP_TOKEN_TEXTS if t in special and t != eos)]
-    if "<|im_start|>" in special and "<|im_end|>" in special:
-        chat_format = "chatml"
-    else:
-        chat_format = "llama3"
+    chat_format = "chatml" if "<|im_start|>" in special and "<|im_end|>" in special else "llama3"
+    try:
+        pattern = pretokenizer_pattern(str(model.get("tokenizer.ggml.pre")))
+    except ValueError as e:
+        raise CheckpointError(f"{model.path}: {e}") from None
     spec = TokenizerSpec(
-        pattern=pretokenizer_pattern(str(model.get("tokenizer.ggml.pre"))),
+        pattern=pattern,
         special_tokens=special,
         n_words=vocab_size,
         bos_token=tokens[ids["bos"]] if "bos" in ids else None,
@@ -295,7 +286,10 @@ def convert_gguf(gguf_path: Union[str, Path], out_dir: Union[str, Path], dtype: 
     model = GGUFFile(Path(gguf_path))
     params = model_params(model)
     tokens, spec = tokenizer_spec(model, params["vocab_size"])
-    ranks = ranks_from_byte_level_vocab(tokens, set(spec.special_tokens.values()))
+    try:
+        ranks = ranks_from_byte_level_vocab(tokens, set(spec.special_tokens.values()))
+    except ValueError as e:
+        raise CheckpointError(f"{model.path}: {e}") from None
     state = read_weights(model, params, torch_dtype)
     out_dir = Path(out_dir)
     with staged_directory(out_dir) as staging:
@@ -307,7 +301,3 @@ def convert_gguf(gguf_path: Union[str, Path], out_dir: Union[str, Path], dtype: 
         (staging / "params.json").write_text(json.dumps(params, indent=1))
         torch.save(state, staging / "consolidated.00.pth")
     return out_dir
-
-
-if __name__ == "__main__":
-    run_cli(convert_gguf)

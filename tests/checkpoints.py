@@ -2,8 +2,10 @@
 
 import json
 import shutil
+import subprocess
+import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
@@ -93,3 +95,15 @@ def write_checkpoint(
     for i, shard in enumerate(shards):
         torch.save(shard, ckpt_dir / f"consolidated.{i:02d}.pth")
     return ckpt_dir
+
+
+def kill_once_writing(command: List[str], out_dir: Path, cwd: Path) -> None:
+    """Start the tool `command`, which writes `out_dir`, and SIGKILL it once its staging directory has a file."""
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    staging = f".{out_dir.name}.partial-"
+    while not any(p.name.startswith(staging) and any(p.iterdir()) for p in out_dir.parent.iterdir()):
+        assert process.poll() is None and time.monotonic() < deadline, "the tool ended before it could be killed"
+        time.sleep(0.005)
+    process.kill()
+    process.wait()

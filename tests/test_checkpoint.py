@@ -7,12 +7,11 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import TINY_PARAMS, random_state_dict, write_checkpoint
+from checkpoints import TINY_PARAMS, kill_once_writing, random_state_dict, write_checkpoint
 
 from llama import Llama
 from llama.checkpoint import CheckpointError, ShardedCheckpoint
@@ -248,13 +247,8 @@ def test_killed_reshard_leaves_the_previous_state(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "llama.reshard", "--ckpt_dir", str(ckpt), "--out_dir", str(out),
                "--model_parallel_size", "1"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not any(p.name.startswith(".out.partial-") and any(p.iterdir()) for p in tmp_path.iterdir()):
-        assert process.poll() is None and time.monotonic() < deadline, "the reshard ended before it could be killed"
-        time.sleep(0.005)
-    process.kill()
-    process.wait()
+    kill_once_writing(command, out, ROOT)
     assert not out.exists()
     subprocess.run(command, cwd=ROOT, check=True, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     subprocess.run(["md5sum", "--quiet", "-c", "checklist.chk"], cwd=out, check=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "out"]  # the killed run's staging is gone too

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from llama import Llama
+from llama.generation import in_prompt_order
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "1, 2, 3,"]
 
@@ -16,10 +17,22 @@ def generator(tiny_ckpt) -> Llama:
 def test_stream_equals_completion(generator):
     for stop in ([], ["e", "a"], [" the"]):
         expected = [r["generation"] for r in generator.text_completion(PROMPTS, temperature=0, max_gen_len=20, stop=stop)]
-        streamed = [""] * len(PROMPTS)
+        streamed, ended = [""] * len(PROMPTS), [False] * len(PROMPTS)
         for index, text in generator.stream_text(PROMPTS, temperature=0, max_gen_len=20, stop=stop):
+            assert not ended[index], "text after the end of its sequence"
             streamed[index] += text
+            ended[index] = text == ""
         assert streamed == expected
+        assert all(ended)
+
+
+def test_in_prompt_order_runs_sequences_one_after_another():
+    events = [(1, "a"), (0, "x"), (2, "p"), (1, ""), (0, "y"), (0, ""), (2, "q"), (3, ""), (2, ""), (4, "z")]
+    order = list(in_prompt_order(iter(events), 5))
+    assert order == [(0, "x"), (0, "y"), (0, ""), (1, "a"), (1, ""), (2, "p"), (2, "q"), (2, ""), (3, ""), (4, "z")]
+    # live: the first sequence's text comes out as soon as it is produced
+    stream = in_prompt_order(iter(events), 5)
+    assert next(stream) == (0, "x")
 
 
 def test_stop_strings_end_each_sequence_on_its_own(generator):
@@ -130,7 +143,7 @@ def test_bad_build_arguments(tiny_ckpt):
 
 def test_bfloat16_runs(tiny_ckpt):
     g = Llama.build(tiny_ckpt, max_seq_len=32, max_batch_size=1, dtype="bfloat16")
-    assert g.model.output.weight.dtype == torch.bfloat16
+    assert g.model.tok_embeddings.weight.dtype == torch.bfloat16 and g.model.output.blocks[0].dtype == torch.bfloat16
     assert len(g.generate([[128000, 791]], 4, temperature=0)[0][0]) <= 4
 
 

@@ -1,0 +1,304 @@
+"""`python -m llama.bench`: load time, time to first token, prefill and decode speed, and peak memory of this
+repo's model next to transformers' LlamaForCausalLM on the same weights and dtype.
+
+Every measurement runs in a fresh worker process per system and repetition (so load time, process start to
+first token and peak RSS are those of a cold process), systems alternating A B A B. Each worker warms up
+before timing. Generation is greedy and always runs the full number of tokens (stop tokens are ignored).
+Prompts are random token ids with a fixed seed.
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+# Metric -> (label, unit, higher is better).
+METRICS = {
+    "load_s": ("load", "s", False),
+    "start_to_first_token_s": ("process start to first token", "s", False),
+    "ttft_s": ("time to first token (warm)", "s", False),
+    "prefill_tok_s": ("prefill", "tok/s", True),
+    "decode_b1_tok_s": ("decode, batch 1", "tok/s", True),
+    "decode_batch_tok_s": ("decode, batch N", "tok/s", True),
+    "peak_rss_mb": ("peak RSS", "MB", False),
+}
+RESULT_MARK = "BENCH_RESULT "
+SYSTEM_OPTIONS = {"int8"}
+
+
+def machine() -> dict:
+    """CPU model, core count, instruction-set hints and library versions."""
+    import torch
+    import transformers
+
+    cpu, flags = platform.processor() or "unknown", ""
+    if Path("/proc/cpuinfo").is_file():
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), cpu)
+        flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "avx512_bf16": "avx512_bf16" in flags.split(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def parse_system(name: str) -> Tuple[str, List[str]]:
+    """`ours+int8` -> ("ours", ["int8"])."""
+    base, *options = name.split("+")
+    if base not in ("ours", "transformers") or not set(options) <= SYSTEM_OPTIONS or (options and base != "ours"):
+        raise ValueError(
+            f"unknown system {name!r}: use transformers, or ours with any of +{', +'.join(sorted(SYSTEM_OPTIONS))}"
+        )
+    return base, options
+
+
+def _with_options(system: str, options: List[str]) -> str:
+    """`system` with `options` added if it is one of ours."""
+    base, own = parse_system(system)
+    return system if base != "ours" else "+".join([base, *own, *(o for o in options if o not in own)])
+
+
+def _peak_rss_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class _Ours:
+    """This repo's Llama, generating through the public `generate`."""
+
+    def __init__(self, spec: dict):
+        from .generation import Llama
+
+        quantize = "int8" if "int8" in parse_system(spec["system"])[1] else None
+        self.llama = Llama.build(
+            spec["ckpt_dir"], max_seq_len=spec["max_seq_len"], max_batch_size=spec["batch"], dtype=spec["dtype"],
+            device="cpu", quantize=quantize,
+        )
+        self.llama.tokenizer.stop_tokens = set()  # always generate the full length
+
+    def generate(self, prompts: List[List[int]], new_tokens: int) -> None:
+        self.llama.generate(prompts, new_tokens, temperature=0)
+
+
+class _Transformers:
+    """transformers' LlamaForCausalLM (sdpa attention) loaded from a Hugging Face export of the same weights."""
+
+    def __init__(self, spec: dict):
+        import torch
+        from transformers import LlamaForCausalLM
+
+        self.torch = torch
+        dtype = getattr(torch, spec["dtype"])
+        self.model = LlamaForCausalLM.from_pretrained(spec["hf_dir"], dtype=dtype, attn_implementation="sdpa").eval()
+
+    def generate(self, prompts: List[List[int]], new_tokens: int) -> None:
+        ids = self.torch.tensor(prompts)
+        with self.torch.inference_mode():
+            self.model.generate(
+                ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False, pad_token_id=0,
+            )
+
+
+def worker(spec: dict) -> dict:
+    """Load one system in this (fresh) process and time it as `spec` says."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    gen = torch.Generator().manual_seed(0)
+    vocab = spec["vocab_size"]
+
+    def prompts(batch: int, length: int) -> List[List[int]]:
+        return torch.randint(0, vocab, (batch, length), generator=gen).tolist()
+
+    short = prompts(1, spec["prompt_len"])
+    start = time.perf_counter()
+    system = (_Ours if parse_system(spec["system"])[0] == "ours" else _Transformers)(spec)
+    result = {"load_s": time.perf_counter() - start}
+    system.generate(short, 1)
+    result["start_to_first_token_s"] = time.time() - spec["launch_time"]
+
+    long, batch = prompts(1, spec["prefill_len"]), prompts(spec["batch"], spec["prompt_len"])
+    warmup_start = time.perf_counter()
+    for warm_prompts, warm_tokens in ((long, 1), (short, 4), (batch, 4)):
+        system.generate(warm_prompts, warm_tokens)
+    result["warmup_s"] = time.perf_counter() - warmup_start
+
+    new = spec["new_tokens"]
+    result["ttft_s"] = _timed(lambda: system.generate(short, 1))
+    result["prefill_tok_s"] = spec["prefill_len"] / _timed(lambda: system.generate(long, 1))
+    decode_time = _timed(lambda: system.generate(short, new)) - result["ttft_s"]
+    result["decode_b1_tok_s"] = (new - 1) / decode_time
+    batch_first = _timed(lambda: system.generate(batch, 1))
+    batch_decode_time = _timed(lambda: system.generate(batch, new)) - batch_first
+    result["decode_batch_tok_s"] = spec["batch"] * (new - 1) / batch_decode_time
+    result["peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+def run_worker(spec: dict) -> dict:
+    """Run `worker(spec)` in a fresh Python process; its result."""
+    spec = {**spec, "launch_time": time.time()}
+    proc = subprocess.run(
+        [sys.executable, "-m", "llama.bench", "--worker"], input=json.dumps(spec), capture_output=True, text=True
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"benchmark worker for {spec['system']} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len(RESULT_MARK) :])
+
+
+def summarize(reps: List[dict]) -> Dict[str, dict]:
+    """Median, min and max of each metric over repetitions."""
+    return {
+        key: {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        for key in reps[0]
+        for values in [[rep[key] for rep in reps]]
+    }
+
+
+def markdown_table(report: dict) -> str:
+    """The results as a markdown table: a row per metric, a column per system, medians with min–max."""
+    systems = list(report["systems"])
+    baseline = "transformers" if "transformers" in systems else None
+    m, config = report["machine"], report["config"]
+    header = [f"metric (median of {config['reps']}, min–max)", *systems]
+    header += [f"{s} / {baseline}" for s in systems if baseline and s != baseline]
+    lines = [
+        f"{m['cpu']}, {config['threads']} thread(s) of {m['cores']} core(s), torch {m['torch']}, "
+        f"transformers {m['transformers']}; {config['dtype']}, batch N = {config['batch']}, prompt "
+        f"{config['prompt_len']} + {config['new_tokens']} new tokens, prefill {config['prefill_len']} tokens",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for key, (label, unit, _) in METRICS.items():
+        stats = [report["systems"][s]["summary"][key] for s in systems]
+        cells = [f"{st['median']:.3g} ({st['min']:.3g}–{st['max']:.3g})" for st in stats]
+        cells += [f"{report['ratios'][s][key]:.2f}x" for s in systems if baseline and s != baseline]
+        lines.append(f"| {label} ({unit}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_plot(report: dict, path: Path) -> None:
+    """A PNG of bar charts, one per metric, medians with min–max error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(report["systems"])
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3 * len(METRICS), 3.5))
+    for ax, (key, (label, unit, higher)) in zip(axes, METRICS.items()):
+        stats = [report["systems"][s]["summary"][key] for s in systems]
+        medians = [st["median"] for st in stats]
+        errors = [[st["median"] - st["min"] for st in stats], [st["max"] - st["median"] for st in stats]]
+        ax.bar(range(len(systems)), medians, yerr=errors, capsize=4, color=[f"C{i}" for i in range(len(systems))])
+        ax.set_xticks(range(len(systems)), systems, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{label}\n({unit}, {'higher' if higher else 'lower'} is better)", fontsize=8)
+    fig.suptitle(f"{report['machine']['cpu']}, {report['config']['dtype']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def bench(
+    ckpt_dir: Optional[str] = None,
+    dtype: str = "float32",
+    systems: Sequence[str] = ("ours", "transformers"),
+    quantize: Optional[str] = None,
+    reps: int = 5,
+    prompt_len: int = 32,
+    new_tokens: int = 128,
+    prefill_len: int = 512,
+    batch: int = 8,
+    threads: Optional[int] = None,
+    out: Optional[str] = "bench.json",
+    plot: Optional[str] = None,
+) -> None:
+    """Benchmark `systems` on the checkpoint in `ckpt_dir` (default: the demo model); print a markdown table,
+    write the JSON report to `out` and, with `plot`, a PNG there.
+
+    Systems: `transformers`, `ours` and `ours+int8` (weight-only int8); `--quantize int8` makes every `ours`
+    system int8.
+    """
+    import torch
+
+    from .checkpoint import read_params
+    from .demo import demo_checkpoint_dir
+    from .hf import export_hf
+
+    if isinstance(systems, str):
+        systems = systems.split(",")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"--quantize must be int8, got {quantize!r}")
+    extra = ["int8"] if quantize else []
+    systems = [_with_options(s, extra) for s in systems]
+    if reps < 1 or min(prompt_len, new_tokens, prefill_len, batch) < 2:
+        raise ValueError("reps must be >= 1 and the prompt, token, prefill and batch counts >= 2")
+    ckpt_dir = str(ckpt_dir or demo_checkpoint_dir())
+    params = read_params(Path(ckpt_dir))
+    threads = threads or torch.get_num_threads()
+    config = {
+        "ckpt_dir": ckpt_dir, "dtype": dtype, "reps": reps, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "prefill_len": prefill_len, "batch": batch, "threads": threads,
+    }
+    spec = {
+        **config, "vocab_size": params["vocab_size"],
+        "max_seq_len": max(prefill_len, prompt_len + new_tokens) + 1,
+    }
+    runs: Dict[str, List[dict]] = {s: [] for s in systems}
+    with tempfile.TemporaryDirectory(prefix="llama-bench-") as tmp:
+        if "transformers" in systems:
+            spec["hf_dir"] = str(export_hf(ckpt_dir, Path(tmp) / "hf", dtype=dtype))
+        for rep in range(reps):
+            for system in systems:
+                runs[system].append(run_worker({**spec, "system": system}))
+                measured = ", ".join(f"{k} {v:.3g}" for k, v in runs[system][-1].items())
+                print(f"rep {rep + 1}/{reps} {system}: {measured}", file=sys.stderr)
+    report = {
+        "machine": machine(),
+        "config": config,
+        "systems": {s: {"reps": r, "summary": summarize(r)} for s, r in runs.items()},
+    }
+    medians = {s: {key: st["median"] for key, st in r["summary"].items()} for s, r in report["systems"].items()}
+    report["ratios"] = {
+        s: {key: medians[s][key] / medians["transformers"][key] for key in METRICS}
+        for s in systems
+        if s != "transformers" and "transformers" in systems
+    }
+    print(markdown_table(report))
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2))
+    if plot:
+        write_plot(report, Path(plot))
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--worker"]:
+        print(RESULT_MARK + json.dumps(worker(json.load(sys.stdin))), flush=True)
+        return
+    from .cli import run_cli
+
+    run_cli(bench)
+
+
+if __name__ == "__main__":
+    main()

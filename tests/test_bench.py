@@ -1,0 +1,32 @@
+"""The benchmark runs end to end on a tiny model and writes a complete report (no timing is checked)."""
+
+import json
+
+import pytest
+
+from llama.bench import METRICS, bench, markdown_table, parse_system
+
+
+def test_bench_writes_a_complete_report(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench(
+        ckpt_dir=str(tiny_ckpt), systems="ours,transformers", quantize="int8", reps=1, prompt_len=3,
+        new_tokens=3, prefill_len=6, batch=2, out=str(out),
+    )
+    report = json.loads(out.read_text())
+    assert set(report["systems"]) == {"ours+int8", "transformers"}
+    assert {"cpu", "cores", "torch", "transformers"} <= set(report["machine"])
+    for system in report["systems"].values():
+        assert len(system["reps"]) == 1
+        for key in METRICS:
+            stats = system["summary"][key]
+            assert 0 < stats["min"] <= stats["median"] <= stats["max"]
+    assert set(report["ratios"]["ours+int8"]) == set(METRICS)
+    assert markdown_table(report) in capsys.readouterr().out
+
+
+def test_system_names():
+    assert parse_system("ours+int8") == ("ours", ["int8"])
+    for bad in ("theirs", "transformers+int8", "ours+int4"):
+        with pytest.raises(ValueError, match="unknown system"):
+            parse_system(bad)

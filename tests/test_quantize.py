@@ -1,0 +1,61 @@
+"""Weight-only int8 and prepacked weights: close to the plain model, with Meta's layer layout."""
+
+import pytest
+import torch
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+from llama import Llama
+from llama.model import PackedLinear
+from llama.quantize import int8_linear, perplexity, quantize_weight
+
+
+def test_quantized_weight_round_trips_within_half_a_step():
+    weight = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    q, scale = quantize_weight(weight)
+    assert q.dtype == torch.int8 and scale.shape == (64,)
+    assert ((q.float() * scale[:, None] - weight).abs() <= scale[:, None] / 2 + 1e-6).all()
+
+
+def test_int8_kernel_and_dequantized_paths_agree():
+    weight = torch.randn(48, 32, generator=torch.Generator().manual_seed(1))
+    q, scale = quantize_weight(weight)
+    x = torch.randn(1, 2, 32, generator=torch.Generator().manual_seed(2)).bfloat16()
+    reference = x.float() @ (q.float() * scale[:, None]).T
+    kernel = int8_linear(x, q, scale.bfloat16())  # 2 rows: torch's int8 kernel
+    dense = int8_linear(x.expand(4, 2, 32), q, scale.bfloat16())  # 8 rows: dequantized weight
+    assert kernel.shape == (1, 2, 48) and dense.shape == (4, 2, 48)
+    torch.testing.assert_close(kernel.float(), reference, atol=0.1, rtol=0.02)
+    torch.testing.assert_close(dense[0].float(), reference[0], atol=0.1, rtol=0.02)
+
+
+def test_int8_model_is_close_to_float(tiny_ckpt, tokenizer):
+    exact = Llama.build(tiny_ckpt, max_seq_len=64, max_batch_size=2, dtype="float32")
+    quantized = Llama.build(tiny_ckpt, max_seq_len=64, max_batch_size=2, dtype="float32", quantize="int8")
+    attention = quantized.model.layers[0].attention
+    assert isinstance(attention.wq, ColumnParallelLinear) and isinstance(attention.wo, RowParallelLinear)
+    assert attention.wq.weight.dtype == torch.int8 and "layers.0.attention.wq.scale" in quantized.model.state_dict()
+
+    tokens = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4, bos=True, eos=False)
+    logits, q_logits = exact.model.forward(torch.tensor([tokens]), 0), quantized.model.forward(torch.tensor([tokens]), 0)
+    assert (q_logits - logits).abs().max() < 0.05 * logits.abs().max()
+    exact_ppl, quantized_ppl = perplexity(exact.model, tokens, 16), perplexity(quantized.model, tokens, 16)
+    assert abs(quantized_ppl / exact_ppl - 1) < 0.01
+
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("bfloat16", 0.02)])
+def test_packed_model_matches_plain(tiny_ckpt, dtype, tolerance):
+    packed = Llama.build(tiny_ckpt, max_seq_len=48, max_batch_size=2, dtype=dtype)
+    plain = Llama.build(tiny_ckpt, max_seq_len=48, max_batch_size=2, dtype=dtype, prepack=False)
+    packed_layer, plain_layer = packed.model.layers[0], plain.model.layers[0]
+    assert isinstance(packed_layer.feed_forward.w13, PackedLinear) and isinstance(packed_layer.attention.wqkv, PackedLinear)
+    assert isinstance(packed.model.output, PackedLinear)
+    assert not isinstance(plain_layer.feed_forward.w1, PackedLinear) and plain_layer.attention.wqkv is None
+    tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(3))
+    close = dict(atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(packed.model.forward(tokens, 0), plain.model.forward(tokens, 0), **close)
+    step = tokens[:, :1]
+    torch.testing.assert_close(packed.model.forward(step, 12), plain.model.forward(step, 12), **close)
+    if dtype == "float32":  # the optimized path decodes exactly as the plain one
+        prompts = tokens.tolist()
+        assert packed.generate(prompts, 30, temperature=0)[0] == plain.generate(prompts, 30, temperature=0)[0]
