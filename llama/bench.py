@@ -18,6 +18,15 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
+
+from .checkpoint import ShardedCheckpoint, read_params, shard_paths, write_atomically
+from .demo import demo_checkpoint_dir
+from .generation import Llama
+from .hf import export_hf
+from .model import ModelArgs
+from .parallel import init_model_parallel, pick_dtype
+
 # Metric -> (label, unit, higher is better).
 METRICS = {
     "load_s": ("load", "s", False),
@@ -27,14 +36,16 @@ METRICS = {
     "decode_b1_tok_s": ("decode, batch 1", "tok/s", True),
     "decode_batch_tok_s": ("decode, batch N", "tok/s", True),
     "peak_rss_mb": ("peak RSS", "MB", False),
+    "rss_growth_mb": ("peak RSS above the worker's start", "MB", False),
 }
 RESULT_MARK = "BENCH_RESULT "
-SYSTEM_OPTIONS = {"int8"}
+# Systems: this repo (optionally weight-quantized, `ours+int8`), transformers, Meta's llama-models reference.
+BASES = ("ours", "transformers", "llama-models")
+OUR_OPTIONS = ("int8", "int4")
 
 
 def machine() -> dict:
     """CPU model, core count, instruction-set hints and library versions."""
-    import torch
     import transformers
 
     cpu, flags = platform.processor() or "unknown", ""
@@ -52,25 +63,20 @@ def machine() -> dict:
     }
 
 
-def parse_system(name: str) -> Tuple[str, List[str]]:
-    """`ours+int8` -> ("ours", ["int8"])."""
-    base, *options = name.split("+")
-    if base not in ("ours", "transformers") or not set(options) <= SYSTEM_OPTIONS or (options and base != "ours"):
+def parse_system(name: str) -> Tuple[str, Optional[str]]:
+    """`ours+int8` -> ("ours", "int8"); `transformers` -> ("transformers", None)."""
+    base, _, option = name.partition("+")
+    if base not in BASES or (option and (base != "ours" or option not in OUR_OPTIONS)):
         raise ValueError(
-            f"unknown system {name!r}: use transformers, or ours with any of +{', +'.join(sorted(SYSTEM_OPTIONS))}"
+            f"unknown system {name!r}: use {', '.join(BASES)}, or ours+{' / ours+'.join(OUR_OPTIONS)}"
         )
-    return base, options
+    return base, option or None
 
 
-def _with_options(system: str, options: List[str]) -> str:
-    """`system` with `options` added if it is one of ours."""
-    base, own = parse_system(system)
-    return system if base != "ours" else "+".join([base, *own, *(o for o in options if o not in own)])
-
-
-def _peak_rss_mb() -> float:
+def _rss_mb(field: str) -> float:
+    """This process's resident memory from /proc/self/status: VmRSS now, VmHWM at its peak (in MiB)."""
     status = Path("/proc/self/status").read_text()
-    line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+    line = next(line for line in status.splitlines() if line.startswith(f"{field}:"))
     return int(line.split()[1]) / 1024
 
 
@@ -84,9 +90,7 @@ class _Ours:
     """This repo's Llama, generating through the public `generate`."""
 
     def __init__(self, spec: dict):
-        from .generation import Llama
-
-        quantize = "int8" if "int8" in parse_system(spec["system"])[1] else None
+        quantize = parse_system(spec["system"])[1]
         self.llama = Llama.build(
             spec["ckpt_dir"], max_seq_len=spec["max_seq_len"], max_batch_size=spec["batch"], dtype=spec["dtype"],
             device="cpu", quantize=quantize,
@@ -101,26 +105,52 @@ class _Transformers:
     """transformers' LlamaForCausalLM (sdpa attention) loaded from a Hugging Face export of the same weights."""
 
     def __init__(self, spec: dict):
-        import torch
         from transformers import LlamaForCausalLM
 
-        self.torch = torch
         dtype = getattr(torch, spec["dtype"])
         self.model = LlamaForCausalLM.from_pretrained(spec["hf_dir"], dtype=dtype, attn_implementation="sdpa").eval()
 
     def generate(self, prompts: List[List[int]], new_tokens: int) -> None:
-        ids = self.torch.tensor(prompts)
-        with self.torch.inference_mode():
+        ids = torch.tensor(prompts)
+        with torch.inference_mode():
             self.model.generate(
-                ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                 do_sample=False, pad_token_id=0,
             )
 
 
+class _LlamaModels:
+    """The reference Transformer of Meta's llama-models package on the same Meta checkpoint, with a greedy loop
+    like its generator's (prefill, then one token at a time; its forward returns every position's logits)."""
+
+    def __init__(self, spec: dict):
+        from llama_models.llama3.args import ModelArgs as ReferenceArgs
+        from llama_models.llama3.model import Transformer
+
+        init_model_parallel(torch.device("cpu"))
+        dtype = getattr(torch, spec["dtype"])
+        params = read_params(Path(spec["ckpt_dir"]))
+        torch.set_default_dtype(dtype)  # as Meta's build does; the KV caches follow it
+        args = ReferenceArgs(max_seq_len=spec["max_seq_len"], max_batch_size=spec["batch"], **params)
+        self.model = Transformer(args)
+        torch.set_default_dtype(torch.float32)
+        ours = ModelArgs(max_seq_len=spec["max_seq_len"], max_batch_size=spec["batch"], **params)
+        state = ShardedCheckpoint(Path(spec["ckpt_dir"]), ours).rank_state_dict(0, 1, dtype, torch.device("cpu"))
+        self.model.load_state_dict(state, strict=True)
+
+    def generate(self, prompts: List[List[int]], new_tokens: int) -> None:
+        tokens = torch.tensor(prompts)
+        logits = self.model.forward(tokens, 0)
+        for position in range(tokens.shape[1], tokens.shape[1] + new_tokens - 1):
+            next_token = logits[:, -1].argmax(dim=-1, keepdim=True)  # (bs, 1)
+            logits = self.model.forward(next_token, position)
+
+
+SYSTEM_CLASSES = {"ours": _Ours, "transformers": _Transformers, "llama-models": _LlamaModels}
+
+
 def worker(spec: dict) -> dict:
     """Load one system in this (fresh) process and time it as `spec` says."""
-    import torch
-
     torch.set_num_threads(spec["threads"])
     gen = torch.Generator().manual_seed(0)
     vocab = spec["vocab_size"]
@@ -129,8 +159,9 @@ def worker(spec: dict) -> dict:
         return torch.randint(0, vocab, (batch, length), generator=gen).tolist()
 
     short = prompts(1, spec["prompt_len"])
+    start_rss_mb = _rss_mb("VmRSS")  # Python, torch and this repo imported
     start = time.perf_counter()
-    system = (_Ours if parse_system(spec["system"])[0] == "ours" else _Transformers)(spec)
+    system = SYSTEM_CLASSES[parse_system(spec["system"])[0]](spec)
     result = {"load_s": time.perf_counter() - start}
     system.generate(short, 1)
     result["start_to_first_token_s"] = time.time() - spec["launch_time"]
@@ -149,7 +180,8 @@ def worker(spec: dict) -> dict:
     batch_first = _timed(lambda: system.generate(batch, 1))
     batch_decode_time = _timed(lambda: system.generate(batch, new)) - batch_first
     result["decode_batch_tok_s"] = spec["batch"] * (new - 1) / batch_decode_time
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = _rss_mb("VmHWM")
+    result["rss_growth_mb"] = result["peak_rss_mb"] - start_rss_mb
     return result
 
 
@@ -194,6 +226,11 @@ def markdown_table(report: dict) -> str:
         cells = [f"{st['median']:.3g} ({st['min']:.3g}–{st['max']:.3g})" for st in stats]
         cells += [f"{report['ratios'][s][key]:.2f}x" for s in systems if baseline and s != baseline]
         lines.append(f"| {label} ({unit}) | " + " | ".join(cells) + " |")
+    growth = [report["systems"][s]["summary"]["rss_growth_mb"]["median"] / config["checkpoint_mb"] for s in systems]
+    lines.append(
+        f"| peak RSS above the start / checkpoint ({config['checkpoint_mb']:.0f} MB) | "
+        + " | ".join(f"{g:.2f}x" for g in growth) + " |"
+    )
     return "\n".join(lines)
 
 
@@ -223,7 +260,6 @@ def bench(
     ckpt_dir: Optional[str] = None,
     dtype: str = "float32",
     systems: Sequence[str] = ("ours", "transformers"),
-    quantize: Optional[str] = None,
     reps: int = 5,
     prompt_len: int = 32,
     new_tokens: int = 128,
@@ -231,34 +267,30 @@ def bench(
     batch: int = 8,
     threads: Optional[int] = None,
     out: Optional[str] = "bench.json",
-    plot: Optional[str] = None,
+    plot: Optional[str] = "bench.png",
 ) -> None:
     """Benchmark `systems` on the checkpoint in `ckpt_dir` (default: the demo model); print a markdown table,
-    write the JSON report to `out` and, with `plot`, a PNG there.
+    write the JSON report to `out` and a PNG plot to `plot`.
 
-    Systems: `transformers`, `ours` and `ours+int8` (weight-only int8); `--quantize int8` makes every `ours`
-    system int8.
+    Systems: `ours`, `ours+int8` and `ours+int4` (weight-only quantization), `transformers` (the baseline of
+    the ratios) and `llama-models` (Meta's reference code).
     """
-    import torch
 
-    from .checkpoint import read_params
-    from .demo import demo_checkpoint_dir
-    from .hf import export_hf
 
     if isinstance(systems, str):
         systems = systems.split(",")
-    if quantize not in (None, "int8"):
-        raise ValueError(f"--quantize must be int8, got {quantize!r}")
-    extra = ["int8"] if quantize else []
-    systems = [_with_options(s, extra) for s in systems]
+    for system in systems:
+        parse_system(system)
     if reps < 1 or min(prompt_len, new_tokens, prefill_len, batch) < 2:
         raise ValueError("reps must be >= 1 and the prompt, token, prefill and batch counts >= 2")
+    pick_dtype(dtype, torch.device("cpu"))  # a clear error for an unknown dtype, before any work
     ckpt_dir = str(ckpt_dir or demo_checkpoint_dir())
     params = read_params(Path(ckpt_dir))
     threads = threads or torch.get_num_threads()
+    checkpoint_bytes = sum(path.stat().st_size for path in shard_paths(Path(ckpt_dir)))
     config = {
         "ckpt_dir": ckpt_dir, "dtype": dtype, "reps": reps, "prompt_len": prompt_len, "new_tokens": new_tokens,
-        "prefill_len": prefill_len, "batch": batch, "threads": threads,
+        "prefill_len": prefill_len, "batch": batch, "threads": threads, "checkpoint_mb": checkpoint_bytes / 2**20,
     }
     spec = {
         **config, "vocab_size": params["vocab_size"],
@@ -286,9 +318,9 @@ def bench(
     }
     print(markdown_table(report))
     if out:
-        Path(out).write_text(json.dumps(report, indent=2))
+        write_atomically(Path(out), lambda path: path.write_text(json.dumps(report, indent=2)))
     if plot:
-        write_plot(report, Path(plot))
+        write_atomically(Path(plot), lambda path: write_plot(report, path))
 
 
 def main() -> None:

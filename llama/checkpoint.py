@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -236,6 +236,18 @@ def write_checklist(directory: Path) -> None:
     """checklist.chk with a `md5  name` line (md5sum's format, as download.sh verifies) for every other file."""
     lines = [f"{md5sum(p)}  {p.name}\n" for p in sorted(Path(directory).iterdir()) if p.name != "checklist.chk"]
     (Path(directory) / "checklist.chk").write_text("".join(lines))
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(temporary path)` for a file beside `path`, then rename it to `path`: readers see the old file
+    or the complete new one, never a partial one."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.partial-{os.getpid()}{path.suffix}")
+    try:
+        write(staging)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def _remove_abandoned_stagings(out_dir: Path) -> None:

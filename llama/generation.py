@@ -10,7 +10,6 @@ import torch
 
 from .checkpoint import CheckpointError, ShardedCheckpoint, read_params, release_pages
 from .model import ModelArgs, Transformer, can_pack, skip_weight_init
-from .quantize import quantize_model
 from .parallel import init_model_parallel, pick_device, pick_dtype
 from .sequence import GeneratedSequence
 from .chat_format import Dialog, Message, chat_format_for, check_dialog, check_turn_order
@@ -79,9 +78,11 @@ class Llama:
         model.load_state_dict(checkpoint.rank_state_dict(rank, world_size, dtype, device), assign=True, strict=True)
         model.requires_grad_(False)
         if quantize:
-            quantize_model(model, quantize)
+            from .quantize import quantize_model  # imported here: `python -m llama.quantize` runs that module
+
+            quantize_model(model, quantize, release=release_pages)  # the loaded weights are the model's own
         elif prepack and can_pack(dtype, device):
-            model.pack_weights(release=release_pages)  # the loaded weights are the model's own
+            model.pack_weights(release=release_pages)
         model.setup_caches(dtype, device)
         print(f"Loaded {ckpt_dir} ({checkpoint.num_shards} shard(s) on {world_size} process(es)) in {time.time() - start:.2f} s")
         return Llama(model, tokenizer)

@@ -111,18 +111,19 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
 
 
 def rope_tables(args: ModelArgs, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cosine and sine of every position's rotation angles, each (length, head_dim // 2), float32."""
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), rope_frequencies(args))
-    return angles.cos(), angles.sin()
+    """Cosine and signed sine tables for `apply_rope`, each (length, head_dim), float32: position p's angle for
+    pair i is at columns 2i and 2i+1, the sine negated at 2i."""
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), rope_frequencies(args))  # (length, head_dim // 2)
+    cos, sin = angles.cos(), angles.sin()
+    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (bs, seqlen, heads, head_dim) by the given angles."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (bs, seqlen, heads, head_dim // 2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (seqlen, 1, head_dim // 2)
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (bs, seqlen, heads, head_dim) by the angles of the tables
+    (seqlen, head_dim) from `rope_tables`: (x[2i] cos - x[2i+1] sin, x[2i+1] cos + x[2i] sin), in float32."""
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x[2i+1], x[2i]) pairs
+    return torch.addcmul(x32 * cos[:, None], swapped, sin[:, None]).type_as(x)
 
 
 class Attention(nn.Module):
@@ -151,7 +152,7 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(
             args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=lambda x: x
         )
-        self.wqkv: Optional[nn.Module] = None  # wq, wk and wv in one, once the weights are packed
+        self.wqkv: Optional[nn.Module] = None  # wq, wk and wv in one, once converted (Transformer.convert_linear_layers)
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
 
@@ -167,14 +168,15 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         if self.wqkv is None:
-            xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+            xqk = torch.cat([self.wq(x), self.wk(x)], dim=-1)
+            xv = self.wv(x)
         else:
-            q_width, kv_width = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
-            xq, xk, xv = self.wqkv(x).split([q_width, kv_width, kv_width], dim=-1)
-        xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+            kv_width = self.n_local_kv_heads * self.head_dim
+            xqk, xv = self.wqkv(x).split([self.n_local_heads * self.head_dim + kv_width, kv_width], dim=-1)
+        heads = [self.n_local_heads, self.n_local_kv_heads]
+        xqk = apply_rope(xqk.view(bsz, seqlen, sum(heads), self.head_dim), cos, sin)
+        xq, xk = xqk.split(heads, dim=2)  # (bs, seqlen, n_local_heads | n_local_kv_heads, head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xq, xk = apply_rope(xq, cos, sin), apply_rope(xk, cos, sin)
 
         end_pos = start_pos + seqlen
         self.cache_k[:bsz, :, start_pos:end_pos] = xk.transpose(1, 2)
@@ -204,7 +206,7 @@ class FeedForward(nn.Module):
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=lambda x: x)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=lambda x: x)
 
-        self.w13: Optional[nn.Module] = None  # w1 and w3 in one, once the weights are packed
+        self.w13: Optional[nn.Module] = None  # w1 and w3 in one, once converted (Transformer.convert_linear_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is None:
@@ -285,14 +287,13 @@ def _pack(module: nn.Module, weight: torch.Tensor, release: Optional[Callable[[t
         blocks.append(torch.ops.mkldnn._reorder_linear_weight(weight[begin : begin + rows], 1))
         if release is not None:
             release(weight[begin : begin + rows])
-    del module.weight
     module.blocks = blocks
     module.__class__ = PACKED_CLASSES[type(module)]
 
 
 def _fused(parent: nn.Module, names: List[str], release: Optional[Callable[[torch.Tensor], None]]) -> nn.Module:
-    """One packed column-parallel layer for the layers `names` of `parent` (removed), computing their outputs
-    side by side: a rank's rows of each, stacked."""
+    """One column-parallel layer in place of the layers `names` of `parent` (removed), computing their outputs
+    side by side: its weight stacks a rank's rows of each."""
     layers = [getattr(parent, name) for name in names]
     weight = torch.cat([layer.weight.detach() for layer in layers])
     for layer, name in zip(layers, names):
@@ -300,7 +301,7 @@ def _fused(parent: nn.Module, names: List[str], release: Optional[Callable[[torc
             release(layer.weight.detach())
         delattr(parent, name)
     fused = layers[0]
-    _pack(fused, weight, release)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
     return fused
 
 
@@ -339,17 +340,31 @@ class Transformer(nn.Module):
             layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, dtype, device)
 
     def pack_weights(self, release: Optional[Callable[[torch.Tensor], None]] = None) -> None:
-        """Prepack every linear layer's weight for oneDNN, in place (see PackedLinear), with wq, wk, wv fused
-        into `attention.wqkv` and w1, w3 into `feed_forward.w13` (one matrix product each instead of three and
-        two). `release(weight)`, if given, is called on each weight once copied: the weights are then this
-        model's alone, and the call may free their memory."""
+        """Prepack every linear layer's weight for oneDNN, in place (see PackedLinear), with the projections
+        fused (see convert_linear_layers). `release(weight)`, if given, is called on each weight once copied:
+        the weights are then this model's alone, and the call may free their memory."""
+        self.convert_linear_layers(lambda module, weight: _pack(module, weight, release), release)
+
+    def convert_linear_layers(
+        self,
+        convert: Callable[[nn.Module, torch.Tensor], None],
+        release: Optional[Callable[[torch.Tensor], None]] = None,
+    ) -> None:
+        """Call `convert(layer, weight)` on every bias-free fairscale linear layer, which must then compute with
+        `weight` in its own way. First wq, wk, wv become one layer `attention.wqkv` and w1, w3 one layer
+        `feed_forward.w13` (one matrix product each instead of three and two). `release`, if given, is called on
+        every weight once it is no longer needed (copied into a fused weight, or converted)."""
         for layer in self.layers:
             attention, feed_forward = layer.attention, layer.feed_forward
             attention.wqkv = _fused(attention, ["wq", "wk", "wv"], release)
             feed_forward.w13 = _fused(feed_forward, ["w1", "w3"], release)
         for module in [*self.modules()]:
-            if type(module) in PACKED_CLASSES and module.bias is None:
-                _pack(module, module.weight.detach(), release)
+            if type(module) in (ColumnParallelLinear, RowParallelLinear) and module.bias is None:
+                weight = module.weight.detach()
+                del module.weight
+                convert(module, weight)
+                if release is not None:
+                    release(weight)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Compact the KV caches so that batch rows `rows` (in this order) become rows 0, 1, ..."""

@@ -1,13 +1,19 @@
-"""Weight-only int8 quantization: every linear layer's weight as int8 with one scale per output channel.
+"""Weight-only quantization of the linear layers: int8 with one scale per output channel, or int4 (CPU only)
+with a scale and offset per group of input channels.
 
-The layers stay fairscale ColumnParallelLinear/RowParallelLinear modules (same names, same model-parallel
-communication); only their weight becomes int8 and a `scale` buffer joins it. Activations keep the model's
-dtype. On the CPU, a few rows at a time (decoding) go through torch's int8 matrix-vector kernel, which reads
-half the bytes of bfloat16; more rows (prefill, large batches) dequantize the weight and use a dense matmul.
+The layers stay fairscale ColumnParallelLinear/RowParallelLinear modules (same model-parallel communication);
+only their weight changes. Activations keep the model's dtype. int8: on the CPU, a few rows at a time
+(decoding) go through torch's int8 matrix-vector kernel, which reads half the bytes of bfloat16; more rows
+(prefill, large batches) dequantize the weight and use a dense matmul. int4 goes through torch's CPU int4
+kernel (bfloat16 activations), reading a quarter of the bytes.
+
+    python -m llama.quantize [--ckpt_dir DIR] [--method int8] [--tokens 16384]
+
+compares the perplexity of the quantized model with bfloat16's on a fixed English text.
 """
 
 import math
-from typing import List, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +22,11 @@ from torch import nn
 
 from .model import Transformer, parallel_linear
 
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")
+# int4 groups of input channels: the first of these that divides a layer's input width (smaller is more exact).
+INT4_GROUP_SIZES = (32, 64, 128)
 # Up to this many rows, torch's int8 kernel beats dequantizing the weight (measured on AVX512 CPUs).
-INT8_KERNEL_MAX_ROWS = 4
+INT8_KERNEL_MAX_ROWS = 16
 
 
 def quantize_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -55,18 +63,75 @@ class Int8RowParallelLinear(Int8Linear, RowParallelLinear):
 INT8_CLASSES = {ColumnParallelLinear: Int8ColumnParallelLinear, RowParallelLinear: Int8RowParallelLinear}
 
 
-def quantize_model(model: Transformer, method: str = "int8") -> None:
-    """Quantize every linear layer of `model` in place (embeddings and norms keep the model's dtype)."""
+def quantize_weight_int4(weight: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of `group_size` input channels, packed for torch's CPU kernel: (packed weight,
+    bfloat16 scales and offsets (in / group_size, out, 2)) with weight ~ (q - 8) * scale + offset, q in 0..15."""
+    out_features, in_features = weight.shape
+    groups = weight.float().view(out_features, in_features // group_size, group_size)
+    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    q = torch.round((groups - low) / scale).clamp(0, 15).to(torch.int32).view(out_features, in_features)
+    offset = low + 8 * scale
+    scales_and_offsets = torch.stack([scale.squeeze(-1), offset.squeeze(-1)], dim=-1)  # (out, groups, 2)
+    return torch._convert_weight_to_int4pack_for_cpu(q, 1), scales_and_offsets.transpose(0, 1).contiguous().bfloat16()
+
+
+class Int4Linear:
+    """Mixin for a fairscale linear layer whose weight is packed int4 with per-group scales and offsets."""
+
+    group_size: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def matmul(rows: torch.Tensor) -> torch.Tensor:
+            flat = rows.reshape(-1, rows.shape[-1]).to(torch.bfloat16)  # (tokens, in_features)
+            out = torch._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_offsets)
+            return out.to(rows.dtype).view(*rows.shape[:-1], -1)  # (..., out_features)
+
+        return parallel_linear(self, x, matmul)
+
+
+class Int4ColumnParallelLinear(Int4Linear, ColumnParallelLinear):
+    pass
+
+
+class Int4RowParallelLinear(Int4Linear, RowParallelLinear):
+    pass
+
+
+INT4_CLASSES = {ColumnParallelLinear: Int4ColumnParallelLinear, RowParallelLinear: Int4RowParallelLinear}
+
+
+def quantize_model(
+    model: Transformer, method: str = "int8", release: Optional[Callable[[torch.Tensor], None]] = None
+) -> None:
+    """Quantize every linear layer of `model` in place, projections fused; embeddings and norms keep the model's
+    dtype. `release` is called on each original weight once quantized (see Transformer.convert_linear_layers)."""
     if method not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {method!r}: use one of {', '.join(QUANTIZATIONS)}")
-    for module in model.modules():
-        if type(module) not in INT8_CLASSES or module.bias is not None:
-            continue
-        dtype = module.weight.dtype
-        weight, scale = quantize_weight(module.weight)
-        module.weight = nn.Parameter(weight, requires_grad=False)
-        module.register_buffer("scale", scale.to(dtype))
+
+    if method == "int4" and model.tok_embeddings.weight.device.type != "cpu":
+        raise ValueError("int4 quantization runs on the CPU only: use device='cpu', or quantize='int8'")
+
+    def to_int8(module: nn.Module, weight: torch.Tensor) -> None:
+        q, scale = quantize_weight(weight)
+        module.weight = nn.Parameter(q, requires_grad=False)
+        module.register_buffer("scale", scale.to(weight.dtype))
         module.__class__ = INT8_CLASSES[type(module)]
+
+    def to_int4(module: nn.Module, weight: torch.Tensor) -> None:
+        sizes = [size for size in INT4_GROUP_SIZES if weight.shape[1] % size == 0]
+        if not sizes:
+            raise ValueError(
+                f"int4 needs layer input widths divisible by {INT4_GROUP_SIZES[-1]}, and this model has "
+                f"{weight.shape[1]}: use quantize='int8'"
+            )
+        q, scales_and_offsets = quantize_weight_int4(weight, sizes[0])
+        module.weight = nn.Parameter(q, requires_grad=False)
+        module.register_buffer("scales_and_offsets", scales_and_offsets)
+        module.group_size = sizes[0]
+        module.__class__ = INT4_CLASSES[type(module)]
+
+    model.convert_linear_layers(to_int8 if method == "int8" else to_int4, release)
 
 
 @torch.inference_mode()
@@ -82,3 +147,44 @@ def perplexity(model: Transformer, tokens: List[int], window: int) -> float:
         total -= logprobs.gather(-1, chunk[0, 1:, None]).sum().item()
         count += chunk.shape[1] - 1
     return math.exp(total / count)
+
+
+def reference_text() -> str:
+    """A fixed English text of about 450 KB that ships with Python: the language reference topics of pydoc."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def evaluate(
+    ckpt_dir: Optional[str] = None,
+    methods: Sequence[str] = QUANTIZATIONS,
+    dtype: str = "bfloat16",
+    tokens: int = 16384,
+    window: int = 512,
+) -> None:
+    """Print the perplexity on the first `tokens` tokens of `reference_text()` in `dtype` and with each
+    quantization `method`, with the change from the unquantized figure (the demo model unless `ckpt_dir`)."""
+    from .demo import demo_checkpoint_dir
+    from .generation import Llama
+
+    if isinstance(methods, str):
+        methods = methods.split(",")
+    ckpt_dir = str(ckpt_dir or demo_checkpoint_dir())
+    results = {}
+    for method in [None, *methods]:
+        generator = Llama.build(ckpt_dir, max_seq_len=window, max_batch_size=1, dtype=dtype, device="cpu", quantize=method)
+        text_tokens = generator.tokenizer.encode(reference_text(), bos=False, eos=False)[:tokens]
+        if len(text_tokens) < tokens:
+            raise ValueError(f"the reference text has only {len(text_tokens)} tokens: ask for fewer")
+        results[method or dtype] = perplexity(generator.model, text_tokens, window)
+        del generator
+    base = results[dtype]
+    for name, value in results.items():
+        print(f"{name}: perplexity {value:.4f} ({value / base - 1:+.2%} vs {dtype}) on {tokens} tokens")
+
+
+if __name__ == "__main__":
+    from .cli import run_cli
+
+    run_cli(evaluate)

@@ -8,25 +8,30 @@ from llama.bench import METRICS, bench, markdown_table, parse_system
 
 
 def test_bench_writes_a_complete_report(tiny_ckpt, tmp_path, capsys):
-    out = tmp_path / "bench.json"
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    systems = ["ours", "ours+int8", "transformers", "llama-models"]
     bench(
-        ckpt_dir=str(tiny_ckpt), systems="ours,transformers", quantize="int8", reps=1, prompt_len=3,
-        new_tokens=3, prefill_len=6, batch=2, out=str(out),
+        ckpt_dir=str(tiny_ckpt), systems=",".join(systems), reps=1, prompt_len=3, new_tokens=3, prefill_len=6,
+        batch=2, out=str(out), plot=str(plot),
     )
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.png"]
     report = json.loads(out.read_text())
-    assert set(report["systems"]) == {"ours+int8", "transformers"}
+    assert list(report["systems"]) == systems
     assert {"cpu", "cores", "torch", "transformers"} <= set(report["machine"])
     for system in report["systems"].values():
         assert len(system["reps"]) == 1
         for key in METRICS:
             stats = system["summary"][key]
             assert 0 < stats["min"] <= stats["median"] <= stats["max"]
+    assert set(report["ratios"]) == {"ours", "ours+int8", "llama-models"}
     assert set(report["ratios"]["ours+int8"]) == set(METRICS)
     assert markdown_table(report) in capsys.readouterr().out
 
 
 def test_system_names():
-    assert parse_system("ours+int8") == ("ours", ["int8"])
-    for bad in ("theirs", "transformers+int8", "ours+int4"):
+    assert parse_system("ours+int8") == ("ours", "int8")
+    assert parse_system("llama-models") == ("llama-models", None)
+    for bad in ("theirs", "transformers+int8", "ours+int3", "ours+int8+int4"):
         with pytest.raises(ValueError, match="unknown system"):
             parse_system(bad)

@@ -6,13 +6,16 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from demo_fixtures import demo_cache, demo_ckpt  # noqa: F401
 
 ROOT = Path(__file__).parent.parent
 
 
-def start_chat(ckpt_dir, *flags) -> pexpect.spawn:
-    command = [sys.executable, "-m", "llama", "chat", "--ckpt_dir", str(ckpt_dir), "--temperature", "0", *flags]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TIKTOKEN_CACHE_DIR": ""}
+def start_chat(ckpt_dir, *flags, env=None) -> pexpect.spawn:
+    """`python -m llama chat` in a terminal, greedy, on `ckpt_dir` (None: the demo model), at its prompt."""
+    checkpoint = [] if ckpt_dir is None else ["--ckpt_dir", str(ckpt_dir)]
+    command = [sys.executable, "-m", "llama", "chat", *checkpoint, "--temperature", "0", *flags]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TIKTOKEN_CACHE_DIR": "", **(env or {})}
     child = pexpect.spawn(command[0], command[1:], cwd=str(ROOT), env=env, encoding="utf-8", timeout=120)
     child.expect("Commands: /reset")
     child.expect("\n> ")
@@ -57,6 +60,17 @@ def test_long_history_drops_oldest_turns(tiny_ckpt):
     child.expect(r"does not fit the 96-token context")
     child.expect("\n> ")
     child.sendeof()
+    child.expect(pexpect.EOF)
+    child.wait()
+    assert child.exitstatus == 0
+
+
+def test_demo_chat_answers_about_paris(demo_ckpt, demo_cache):
+    child = start_chat(None, "--max_gen_len", "40", env={"LLAMA_CACHE": str(demo_cache), "OMP_NUM_THREADS": "1"})
+    child.sendline("What is the capital of France?")
+    child.expect("\n> ")
+    assert "Paris" in child.before
+    child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.wait()
     assert child.exitstatus == 0

@@ -6,7 +6,7 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 
 from llama import Llama
 from llama.model import PackedLinear
-from llama.quantize import int8_linear, perplexity, quantize_weight
+from llama.quantize import int8_linear, perplexity, quantize_weight, quantize_weight_int4
 
 
 def test_quantized_weight_round_trips_within_half_a_step():
@@ -28,12 +28,36 @@ def test_int8_kernel_and_dequantized_paths_agree():
     torch.testing.assert_close(dense[0].float(), reference[0], atol=0.1, rtol=0.02)
 
 
+def test_int4_weight_is_within_half_a_step():
+    weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(4))
+    packed, scales_and_offsets = quantize_weight_int4(weight, 32)
+    assert scales_and_offsets.shape == (2, 96, 2)  # (groups, out, scale and offset)
+    # the weight the kernel computes with, read back through the identity
+    used = torch._weight_int4pack_mm_for_cpu(torch.eye(64).bfloat16(), packed, 32, scales_and_offsets).float().T
+    step = scales_and_offsets[..., 0].float().repeat_interleave(32, dim=0).T  # (out, in)
+    assert ((used - weight).abs() <= step / 2 + 0.01 * weight.abs() + 1e-3).all()
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5)).bfloat16()
+    out = torch._weight_int4pack_mm_for_cpu(x, packed, 32, scales_and_offsets)
+    torch.testing.assert_close(out.float(), x.float() @ used.T, atol=0.05, rtol=0.02)
+
+
+def test_int4_model_tracks_the_float_model(tiny_ckpt, tokenizer):
+    exact = Llama.build(tiny_ckpt, max_seq_len=64, max_batch_size=2, dtype="bfloat16")
+    quantized = Llama.build(tiny_ckpt, max_seq_len=64, max_batch_size=2, dtype="bfloat16", quantize="int4")
+    assert quantized.model.layers[0].feed_forward.w13.weight.dtype == torch.uint8
+    tokens = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4, bos=True, eos=False)])
+    logits, q_logits = exact.model.forward(tokens, 0), quantized.model.forward(tokens, 0)
+    assert torch.nn.functional.cosine_similarity(logits.flatten(), q_logits.flatten(), dim=0) > 0.98
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        Llama.build(tiny_ckpt, max_seq_len=64, max_batch_size=2, quantize="int3")
+
+
 def test_int8_model_is_close_to_float(tiny_ckpt, tokenizer):
     exact = Llama.build(tiny_ckpt, max_seq_len=64, max_batch_size=2, dtype="float32")
     quantized = Llama.build(tiny_ckpt, max_seq_len=64, max_batch_size=2, dtype="float32", quantize="int8")
     attention = quantized.model.layers[0].attention
-    assert isinstance(attention.wq, ColumnParallelLinear) and isinstance(attention.wo, RowParallelLinear)
-    assert attention.wq.weight.dtype == torch.int8 and "layers.0.attention.wq.scale" in quantized.model.state_dict()
+    assert isinstance(attention.wqkv, ColumnParallelLinear) and isinstance(attention.wo, RowParallelLinear)
+    assert attention.wqkv.weight.dtype == torch.int8 and "layers.0.attention.wqkv.scale" in quantized.model.state_dict()
 
     tokens = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4, bos=True, eos=False)
     logits, q_logits = exact.model.forward(torch.tensor([tokens]), 0), quantized.model.forward(torch.tensor([tokens]), 0)
