@@ -242,8 +242,12 @@ def write_plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     systems = list(report["systems"])
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3 * len(METRICS), 3.5))
-    for ax, (key, (label, unit, higher)) in zip(axes, METRICS.items()):
+    columns = 4
+    rows = -(-len(METRICS) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(METRICS) :]:
+        ax.set_visible(False)
+    for ax, (key, (label, unit, higher)) in zip(axes.flat, METRICS.items()):
         stats = [report["systems"][s]["summary"][key] for s in systems]
         medians = [st["median"] for st in stats]
         errors = [[st["median"] - st["min"] for st in stats], [st["max"] - st["median"] for st in stats]]
