@@ -10,6 +10,8 @@ tool's result. An assistant message may also carry `"tool_calls"` (see llama.too
 from datetime import date
 from typing import Dict, List, Literal, Optional, Sequence, Type, TypedDict
 
+import jinja2.sandbox
+
 from .tokenizer import Tokenizer
 from .tool_calls import (
     BUILTIN_TOOLS,
@@ -207,3 +209,40 @@ def chat_format_for(tokenizer: Tokenizer) -> ChatFormat:
     if name not in CHAT_FORMATS:
         raise ValueError(f"unknown chat format {name!r} in the tokenizer spec: use one of {', '.join(CHAT_FORMATS)}")
     return CHAT_FORMATS[name](tokenizer)
+
+
+def default_system_prompt(template: str, tokenizer: Tokenizer) -> Optional[str]:
+    """The system message a Jinja chat template inserts when a dialog has none, or None.
+
+    Found by rendering a one-message dialog, reading the system text off where the tokenizer's chat format
+    puts it, and keeping it only if rendering the dialog with that system message gives the same text.
+    """
+    user = {"role": "user", "content": "Hello there."}
+    marker = "SYSTEM-MESSAGE-MARKER"
+    formatter = chat_format_for(tokenizer)
+    special = {v: k for k, v in tokenizer.special_tokens.items()}
+    try:
+        compiled = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+
+        def render(dialog: List[dict]) -> str:
+            return compiled.render(
+                messages=dialog,
+                add_generation_prompt=True,
+                bos_token=special.get(tokenizer.bos_id, ""),
+                eos_token=special[tokenizer.eos_id],
+                raise_exception=_raise_template_error,
+            )
+
+        rendered = render([user])
+        with_marker = tokenizer.decode(formatter.encode_dialog_prompt([{"role": "system", "content": marker}, user]))
+        prefix, _, suffix = with_marker.partition(marker)
+        if not (rendered.startswith(prefix) and rendered.endswith(suffix) and len(rendered) > len(prefix) + len(suffix)):
+            return None
+        system = rendered[len(prefix) : len(rendered) - len(suffix)]
+        return system if render([{"role": "system", "content": system}, user]) == rendered else None
+    except (jinja2.TemplateError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _raise_template_error(message: str) -> None:
+    raise jinja2.TemplateError(message)

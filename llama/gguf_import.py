@@ -12,16 +12,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 import gguf
-import jinja2.sandbox
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .bpe import pretokenizer_pattern, ranks_from_byte_level_vocab, write_tokenizer
-from .chat_format import chat_format_for
+from .chat_format import default_system_prompt
 from .checkpoint import CheckpointError, parameter_layout, staged_directory
-from .hf import ffn_params
-from .model import ModelArgs, rope_frequencies
+from .model import ModelArgs, ffn_params, rope_frequencies
 from .parallel import pick_dtype
 from .tokenizer import SPEC_FILE, Tokenizer, TokenizerSpec
 
@@ -240,43 +238,6 @@ def tokenizer_spec(model: GGUFFile, vocab_size: int) -> Tuple[List[str], Tokeniz
         chat_format=chat_format,
     )
     return tokens, spec
-
-
-def default_system_prompt(template: str, tokenizer: Tokenizer) -> Optional[str]:
-    """The system message a Jinja chat template inserts when a dialog has none, or None.
-
-    Found by rendering a one-message dialog, reading the system text off where the tokenizer's chat format
-    puts it, and keeping it only if rendering the dialog with that system message gives the same text.
-    """
-    user = {"role": "user", "content": "Hello there."}
-    marker = "SYSTEM-MESSAGE-MARKER"
-    formatter = chat_format_for(tokenizer)
-    special = {v: k for k, v in tokenizer.special_tokens.items()}
-    try:
-        compiled = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
-
-        def render(dialog: List[dict]) -> str:
-            return compiled.render(
-                messages=dialog,
-                add_generation_prompt=True,
-                bos_token=special.get(tokenizer.bos_id, ""),
-                eos_token=special[tokenizer.eos_id],
-                raise_exception=_raise_template_error,
-            )
-
-        rendered = render([user])
-        with_marker = tokenizer.decode(formatter.encode_dialog_prompt([{"role": "system", "content": marker}, user]))
-        prefix, _, suffix = with_marker.partition(marker)
-        if not (rendered.startswith(prefix) and rendered.endswith(suffix) and len(rendered) > len(prefix) + len(suffix)):
-            return None
-        system = rendered[len(prefix) : len(rendered) - len(suffix)]
-        return system if render([{"role": "system", "content": system}, user]) == rendered else None
-    except (jinja2.TemplateError, KeyError, TypeError, ValueError):
-        return None
-
-
-def _raise_template_error(message: str) -> None:
-    raise jinja2.TemplateError(message)
 
 
 def convert_gguf(gguf_path: Union[str, Path], out_dir: Union[str, Path], dtype: str = "float32") -> Path:

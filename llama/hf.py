@@ -28,7 +28,10 @@ from tqdm import tqdm
 
 from .bpe import PRETOKENIZER_PATTERNS, byte_to_unicode, ranks_from_byte_level_vocab, write_tokenizer
 from .checkpoint import CheckpointError, ShardedCheckpoint, parameter_layout, read_params, staged_directory
-from .model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ROPE_SCALE_FACTOR, ModelArgs
+from .chat_format import default_system_prompt
+from .model import (
+    ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ROPE_SCALE_FACTOR, ModelArgs, ffn_params,
+)
 from .parallel import pick_dtype
 from .tokenizer import LLAMA3_PATTERN, SPEC_FILE, Tokenizer, TokenizerSpec, default_tokenizer_path
 
@@ -57,14 +60,6 @@ LLAMA3_ROPE_SCALING = {
 }
 # Context lengths Meta trained Llama 3 (unscaled RoPE) and 3.1 (scaled) for; Meta's params.json omits them.
 CONTEXT_LENGTH = {False: 8192, True: 131072}
-# Meta's own (multiple_of, ffn_dim_multiplier) for the published Llama 3 shapes, by (dim, hidden size).
-META_FFN_PARAMS = {
-    (4096, 14336): (1024, 1.3),
-    (8192, 28672): (4096, 1.3),
-    (16384, 53248): (4096, 1.2),
-    (2048, 8192): (256, 1.5),
-    (3072, 8192): (256, 1.0),
-}
 # Tensors some Hugging Face checkpoints carry that the model recomputes.
 HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 MAX_SHARD_BYTES = 5 * 10**9
@@ -89,29 +84,6 @@ def halves_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     rows, cols = weight.shape
     head_dim = rows // n_heads
     return weight.view(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def ffn_params(dim: int, hidden: int) -> dict:
-    """`multiple_of` and (if needed) `ffn_dim_multiplier` with which Meta's rule gives SwiGLU hidden size `hidden`.
-
-    Meta's published shapes get Meta's own values; others the simplest that fit: no multiplier, else one
-    rounded to as few decimals as possible, with the largest power-of-two multiple_of that divides `hidden`.
-    """
-    if dim < 2 or hidden < 1:
-        raise ValueError(f"a model of dim {dim} cannot have a SwiGLU hidden size of {hidden}")
-    if (dim, hidden) in META_FFN_PARAMS:
-        multiple_of, multiplier = META_FFN_PARAMS[dim, hidden]
-        return {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}
-    base = int(2 * (4 * dim) / 3)
-    multiples = [2**k for k in range((hidden & -hidden).bit_length() - 1, -1, -1)]
-    # The last candidate puts int(multiplier * base) half a unit above `hidden`, which always rounds right.
-    multipliers = [None, *(round(hidden / base, digits) for digits in range(1, 6)), (hidden + 0.5) / base]
-    for multiplier in multipliers:
-        for multiple_of in multiples:
-            params = {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}
-            if ModelArgs(dim=dim, n_heads=1, **params).ffn_hidden_dim == hidden:
-                return params if multiplier is not None else {"multiple_of": multiple_of}
-    raise AssertionError(f"no Meta FFN parameters give hidden size {hidden} for dim {dim}")
 
 
 def hf_config(args: ModelArgs) -> dict:
@@ -435,8 +407,6 @@ def import_hf_tokenizer(hf_dir: Path, config: dict, out_dir: Path) -> None:
     else:
         write_tokenizer(out_dir, ranks, spec)
         if template is not None:
-            from .gguf_import import default_system_prompt  # imported here: llama.gguf_import may import this module
-
             spec.default_system_prompt = default_system_prompt(template, Tokenizer(str(out_dir / "tokenizer.model")))
             spec.save(out_dir / SPEC_FILE)
     ours = Tokenizer(str(out_dir / "tokenizer.model")).encode(TOKENIZER_PROBE, bos=False, eos=False)
