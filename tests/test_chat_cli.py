@@ -24,7 +24,8 @@ def start_chat(ckpt_dir, *flags, env=None) -> pexpect.spawn:
 
 @pytest.fixture
 def tiny_chat(tiny_ckpt):
-    child = start_chat(tiny_ckpt, "--max_seq_len", "2048", "--max_gen_len", "2000")
+    # An answer long enough (16,000 tokens, more than a terminal buffers) that Ctrl-C always lands mid-answer.
+    child = start_chat(tiny_ckpt, "--max_seq_len", "16384", "--max_gen_len", "16000")
     yield child
     child.close(force=True)
 
