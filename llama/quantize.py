@@ -101,14 +101,17 @@ class Int4RowParallelLinear(Int4Linear, RowParallelLinear):
 INT4_CLASSES = {ColumnParallelLinear: Int4ColumnParallelLinear, RowParallelLinear: Int4RowParallelLinear}
 
 
+def check_method(method: str) -> None:
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {method!r}: use one of {', '.join(QUANTIZATIONS)}")
+
+
 def quantize_model(
     model: Transformer, method: str = "int8", release: Optional[Callable[[torch.Tensor], None]] = None
 ) -> None:
     """Quantize every linear layer of `model` in place, projections fused; embeddings and norms keep the model's
     dtype. `release` is called on each original weight once quantized (see Transformer.convert_linear_layers)."""
-    if method not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {method!r}: use one of {', '.join(QUANTIZATIONS)}")
-
+    check_method(method)
     if method == "int4" and model.tok_embeddings.weight.device.type != "cpu":
         raise ValueError("int4 quantization runs on the CPU only: use device='cpu', or quantize='int8'")
 
@@ -170,6 +173,8 @@ def evaluate(
 
     if isinstance(methods, str):
         methods = methods.split(",")
+    for method in methods:
+        check_method(method)
     ckpt_dir = str(ckpt_dir or demo_checkpoint_dir())
     results = {}
     for method in [None, *methods]:
