@@ -5,6 +5,7 @@ system prompt (and starts over), /exit quits (so does Ctrl-D). Ctrl-C stops the 
 conversation outgrows the context, the oldest turns are dropped; the system prompt stays.
 """
 
+import signal
 from typing import List, Optional
 
 import torch.distributed as dist
@@ -108,6 +109,8 @@ def chat(
         ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, device=device, dtype=dtype
     )
     session = ChatSession(generator, system=system, max_gen_len=max_gen_len)
+    # Ctrl-C stops an answer even if this process was started with SIGINT ignored (as background jobs are).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(HELP, flush=True)
     while True:
         try:

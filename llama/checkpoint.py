@@ -24,6 +24,9 @@ from .model import ModelArgs
 
 # Keys some Meta checkpoints carry that the model recomputes instead of loading.
 IGNORED_KEYS = {"rope.freqs"}
+# A quantized checkpoint says how in this file; each linear weight then comes with a `.scale` per output row.
+QUANTIZATION_FILE = "quantization.json"
+QUANTIZED_METHODS = ("int8",)
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
 
 COPY_BLOCK_BYTES = 32 << 20
@@ -52,6 +55,20 @@ def read_params(ckpt_dir: Path) -> dict:
     return params
 
 
+def read_quantization(ckpt_dir: Path) -> Optional[str]:
+    """The method a quantized checkpoint (see llama.quantize.write_quantized) was written with, else None."""
+    path = Path(ckpt_dir) / QUANTIZATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        method = json.loads(path.read_text()).get("method")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        method = None
+    if method not in QUANTIZED_METHODS:
+        raise CheckpointError(f"{path} names no quantization this repo reads ({', '.join(QUANTIZED_METHODS)}): write it again")
+    return method
+
+
 def shard_paths(ckpt_dir: Path) -> List[Path]:
     """consolidated.00.pth ... consolidated.NN.pth in order; an error if none or if numbers are missing."""
     found = {}
@@ -68,8 +85,19 @@ def shard_paths(ckpt_dir: Path) -> List[Path]:
     return [found[i] for i in sorted(found)]
 
 
-def parameter_layout(args: ModelArgs) -> Layout:
-    """Each parameter's full (unsharded) shape and the dimension model parallelism splits it on (None: replicated)."""
+def linear_weight_keys(layout: Layout) -> List[str]:
+    """The keys of the linear layers' weights (all matrices but the embedding)."""
+    return [key for key, (shape, _) in layout.items() if len(shape) == 2 and not key.startswith("tok_embeddings")]
+
+
+def scale_key(weight_key: str) -> str:
+    """`layers.0.attention.wq.weight` -> `layers.0.attention.wq.scale`."""
+    return weight_key[: -len("weight")] + "scale"
+
+
+def parameter_layout(args: ModelArgs, quantized: bool = False) -> Layout:
+    """Each parameter's full (unsharded) shape and the dimension model parallelism splits it on (None: replicated);
+    with `quantized`, also each linear weight's per-row scales (split with the rows, or replicated)."""
     q_width, kv_width, hidden = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
     layout: Layout = {
         "tok_embeddings.weight": ((args.vocab_size, args.dim), 0),
@@ -91,12 +119,18 @@ def parameter_layout(args: ModelArgs) -> Layout:
                 layer + "ffn_norm.weight": ((args.dim,), None),
             }
         )
+    if quantized:
+        for key in linear_weight_keys(layout):
+            (rows, _), dim = layout[key]
+            layout[scale_key(key)] = ((rows,), 0 if dim == 0 else None)
     return layout
 
 
 def rank_range(key: str, size: int, args: ModelArgs, rank: int, world_size: int) -> Tuple[int, int]:
     """The [begin, end) of a split dimension of full length `size` that `rank` of `world_size` holds."""
-    if key.endswith(("attention.wk.weight", "attention.wv.weight")) and world_size > args.n_kv_heads:
+    if key.endswith(("attention.wk.weight", "attention.wv.weight", "attention.wk.scale", "attention.wv.scale")) and (
+        world_size > args.n_kv_heads
+    ):
         head = rank * args.n_kv_heads // world_size  # one replicated key/value head per rank
         return head * args.head_dim, (head + 1) * args.head_dim
     if size % world_size:
@@ -139,7 +173,8 @@ class ShardedCheckpoint:
         self.args = args
         self.paths = shard_paths(self.ckpt_dir)
         self.shards = [self._load(path) for path in self.paths]
-        self.layout = parameter_layout(args)
+        self.quantization = read_quantization(self.ckpt_dir)
+        self.layout = parameter_layout(args, quantized=self.quantization is not None)
         self._check_keys()
         for key in self.layout:
             self._check_shapes(key)
@@ -192,7 +227,8 @@ class ShardedCheckpoint:
     def read(self, key: str, rank: int, world_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The part of parameter `key` that `rank` of `world_size` holds, as `dtype` on `device`.
 
-        Only that part is read. A whole shard tensor already in the right dtype on the CPU is used in place;
+        Integer tensors (quantized weights) keep their dtype. Only that part is read. A whole shard tensor
+        already in the right dtype on the CPU is used in place;
         anything else is copied in blocks whose shard pages are released right after, so resident memory
         grows by about the part's size.
         """
@@ -208,6 +244,8 @@ class ShardedCheckpoint:
                 parts.append(self.shards[i][key].narrow(dim, lo, hi - lo))
             shape = list(full_shape)
             shape[dim] = end - begin
+        if not parts[0].is_floating_point():
+            dtype = parts[0].dtype
         if len(parts) == 1 and parts[0].dtype == dtype and device.type == "cpu" and parts[0].is_contiguous():
             return parts[0]
         result = torch.empty(shape, dtype=dtype, device=device)

@@ -49,7 +49,8 @@ class Llama:
 
         Works under `torchrun --nproc_per_node N` (any N the model's head counts allow, whatever the number of
         shards) and in a plain Python process. `tokenizer_path` defaults to `ckpt_dir/tokenizer.model`.
-        `quantize="int8"` stores the linear layers' weights as int8 (see llama.quantize). On the CPU, float32 and
+        `quantize="int8"` or `"int4"` quantizes the linear layers' weights (see llama.quantize); a checkpoint written
+        quantized by `python -m llama.quantize write` loads quantized by itself. On the CPU, float32 and
         bfloat16 weights are prepacked for oneDNN (see PackedLinear): much faster, but the model is then for
         inference only and its logits differ from the plain layers' by rounding; `prepack=False` keeps plain layers.
         """
@@ -73,13 +74,20 @@ class Llama:
                 f"tokens: use the tokenizer.model that came with this checkpoint"
             )
         checkpoint = ShardedCheckpoint(ckpt_dir, model_args)
+        if checkpoint.quantization and quantize not in (None, checkpoint.quantization):
+            raise ValueError(f"{ckpt_dir} is quantized as {checkpoint.quantization}: leave quantize unset")
         with torch.device("meta"), skip_weight_init():
             model = Transformer(model_args)
-        model.load_state_dict(checkpoint.rank_state_dict(rank, world_size, dtype, device), assign=True, strict=True)
         model.requires_grad_(False)
-        if quantize:
-            from .quantize import quantize_model  # imported here: `python -m llama.quantize` runs that module
-
+        if checkpoint.quantization or quantize:
+            # imported here: `python -m llama.quantize` runs that module
+            from .quantize import int8_layers_for_loading, quantize_model
+        if checkpoint.quantization:
+            int8_layers_for_loading(model)
+        model.load_state_dict(checkpoint.rank_state_dict(rank, world_size, dtype, device), assign=True, strict=True)
+        if checkpoint.quantization:
+            model.fuse_projections(release=release_pages)
+        elif quantize:
             quantize_model(model, quantize, release=release_pages)  # the loaded weights are the model's own
         elif prepack and can_pack(dtype, device):
             model.pack_weights(release=release_pages)

@@ -541,6 +541,8 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None, max_shar
             f"use the tokenizer.model that came with this checkpoint"
         )
     checkpoint = ShardedCheckpoint(ckpt_dir, args)
+    if checkpoint.quantization:
+        raise CheckpointError(f"{ckpt_dir} is quantized ({checkpoint.quantization}): export the original checkpoint")
     target = checkpoint.shards[0]["tok_embeddings.weight"].dtype if dtype is None else pick_dtype(dtype, torch.device("cpu"))
     eos_ids = sorted(tokenizer.stop_tokens)
     config = {

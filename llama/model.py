@@ -325,15 +325,21 @@ def _pack(module: nn.Module, weight: torch.Tensor, release: Optional[Callable[[t
 
 def _fused(parent: nn.Module, names: List[str], release: Optional[Callable[[torch.Tensor], None]]) -> nn.Module:
     """One column-parallel layer in place of the layers `names` of `parent` (removed), computing their outputs
-    side by side: its weight stacks a rank's rows of each."""
+    side by side: each of its parameters and buffers stacks the layers' rows."""
     layers = [getattr(parent, name) for name in names]
-    weight = torch.cat([layer.weight.detach() for layer in layers])
-    for layer, name in zip(layers, names):
-        if release is not None:
-            release(layer.weight.detach())
-        delattr(parent, name)
     fused = layers[0]
-    fused.weight = nn.Parameter(weight, requires_grad=False)
+    for name, tensor in [*fused.named_parameters(recurse=False), *fused.named_buffers(recurse=False)]:
+        parts = [getattr(layer, name).detach() for layer in layers]
+        stacked = torch.cat(parts)
+        for part in parts:
+            if release is not None:
+                release(part)
+        if isinstance(tensor, nn.Parameter):
+            setattr(fused, name, nn.Parameter(stacked, requires_grad=False))
+        else:
+            setattr(fused, name, stacked)
+    for name in names:
+        delattr(parent, name)
     return fused
 
 
@@ -377,19 +383,24 @@ class Transformer(nn.Module):
         the weights are then this model's alone, and the call may free their memory."""
         self.convert_linear_layers(lambda module, weight: _pack(module, weight, release), release)
 
+    def fuse_projections(self, release: Optional[Callable[[torch.Tensor], None]] = None) -> None:
+        """Make wq, wk, wv one layer `attention.wqkv` and w1, w3 one layer `feed_forward.w13`: one matrix product
+        each instead of three and two. The fused layer's weight (and any other per-row tensor, such as int8
+        scales) stacks a rank's rows of each. `release`, if given, is called on the originals once copied."""
+        for layer in self.layers:
+            attention, feed_forward = layer.attention, layer.feed_forward
+            attention.wqkv = _fused(attention, ["wq", "wk", "wv"], release)
+            feed_forward.w13 = _fused(feed_forward, ["w1", "w3"], release)
+
     def convert_linear_layers(
         self,
         convert: Callable[[nn.Module, torch.Tensor], None],
         release: Optional[Callable[[torch.Tensor], None]] = None,
     ) -> None:
-        """Call `convert(layer, weight)` on every bias-free fairscale linear layer, which must then compute with
-        `weight` in its own way. First wq, wk, wv become one layer `attention.wqkv` and w1, w3 one layer
-        `feed_forward.w13` (one matrix product each instead of three and two). `release`, if given, is called on
-        every weight once it is no longer needed (copied into a fused weight, or converted)."""
-        for layer in self.layers:
-            attention, feed_forward = layer.attention, layer.feed_forward
-            attention.wqkv = _fused(attention, ["wq", "wk", "wv"], release)
-            feed_forward.w13 = _fused(feed_forward, ["w1", "w3"], release)
+        """Fuse the projections (see fuse_projections), then call `convert(layer, weight)` on every bias-free
+        fairscale linear layer, which must then compute with `weight` in its own way. `release`, if given, is
+        called on every weight once it is no longer needed."""
+        self.fuse_projections(release)
         for module in [*self.modules()]:
             if type(module) in (ColumnParallelLinear, RowParallelLinear) and module.bias is None:
                 weight = module.weight.detach()

@@ -7,20 +7,31 @@ only their weight changes. Activations keep the model's dtype. int8: on the CPU,
 (prefill, large batches) dequantize the weight and use a dense matmul. int4 goes through torch's CPU int4
 kernel (bfloat16 activations), reading a quarter of the bytes.
 
-    python -m llama.quantize [--ckpt_dir DIR] [--method int8] [--tokens 16384]
+    python -m llama.quantize evaluate [--ckpt_dir DIR] [--methods int8,int4] [--tokens 16384]
+    python -m llama.quantize write --ckpt_dir DIR --out_dir OUT [--method int8]
 
-compares the perplexity of the quantized model with bfloat16's on a fixed English text.
+`evaluate` compares the perplexity of the quantized model with bfloat16's on a fixed English text; `write`
+stores a checkpoint quantized (int8), which then loads as such.
 """
 
+import json
 import math
+import shutil
+from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from torch import nn
+from tqdm import tqdm
 
-from .model import Transformer, parallel_linear
+from .checkpoint import (
+    QUANTIZATION_FILE, QUANTIZED_METHODS, CheckpointError, ShardedCheckpoint, linear_weight_keys, parameter_layout,
+    read_params, scale_key, staged_directory,
+)
+from .model import ModelArgs, Transformer, parallel_linear
+from .tokenizer import SPEC_FILE
 
 QUANTIZATIONS = ("int8", "int4")
 # int4 groups of input channels: the first of these that divides a layer's input width (smaller is more exact).
@@ -29,10 +40,11 @@ INT4_GROUP_SIZES = (32, 64, 128)
 INT8_KERNEL_MAX_ROWS = 16
 
 
-def quantize_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: (int8 weight, float32 scale per row) with weight ~ q * scale."""
+def quantize_weight(weight: torch.Tensor, row_max: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (int8 weight, float32 scale per row) with weight ~ q * scale.
+    `row_max`: each row's largest magnitude, if the rows are longer than `weight` (a shard of them)."""
     w = weight.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    scale = (w.abs().amax(dim=1) if row_max is None else row_max.float()).clamp(min=1e-12) / 127
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
@@ -152,6 +164,53 @@ def perplexity(model: Transformer, tokens: List[int], window: int) -> float:
     return math.exp(total / count)
 
 
+def int8_layers_for_loading(model: Transformer) -> None:
+    """Make every bias-free linear layer of `model` (built on the meta device) an int8 one with an int8 weight
+    and a `scale` buffer of the right shapes, so a quantized checkpoint's tensors load into it."""
+    for module in [*model.modules()]:
+        if type(module) in INT8_CLASSES and module.bias is None:
+            rows, columns = module.weight.shape
+            device = module.weight.device
+            module.weight = nn.Parameter(torch.empty(rows, columns, dtype=torch.int8, device=device), requires_grad=False)
+            module.register_buffer("scale", torch.empty(rows, device=device))
+            module.__class__ = INT8_CLASSES[type(module)]
+
+
+def write_quantized(ckpt_dir: str, out_dir: str, method: str = "int8") -> Path:
+    """Write the Meta checkpoint in `ckpt_dir` to the new directory `out_dir` with int8 linear weights and their
+    scales, shard for shard, plus quantization.json: `Llama.build(out_dir)` then loads it quantized, on any
+    number of processes, with the same weights as `quantize="int8"` on the original, from a quarter of
+    float32's bytes. Embeddings and norms keep their dtype."""
+    check_method(method)
+    if method not in QUANTIZED_METHODS:
+        raise ValueError(f"only {', '.join(QUANTIZED_METHODS)} checkpoints can be written (int4 is packed for one kernel)")
+    ckpt_dir = Path(ckpt_dir)
+    args = ModelArgs(**read_params(ckpt_dir))
+    checkpoint = ShardedCheckpoint(ckpt_dir, args)
+    if checkpoint.quantization:
+        raise CheckpointError(f"{ckpt_dir} is already quantized ({checkpoint.quantization}): pass the original checkpoint")
+    layout = parameter_layout(args)
+    linear = set(linear_weight_keys(layout))
+    with staged_directory(Path(out_dir)) as staging:
+        for name in ("params.json", "tokenizer.model", SPEC_FILE):
+            if (ckpt_dir / name).is_file():
+                shutil.copyfile(ckpt_dir / name, staging / name)
+        (staging / QUANTIZATION_FILE).write_text(json.dumps({"method": method}))
+        for path, shard in zip(tqdm(checkpoint.paths, desc="quantizing", unit="shard"), checkpoint.shards):
+            state = {}
+            for key, (_, dim) in layout.items():
+                if key not in linear:
+                    state[key] = shard[key].clone()  # a view would save its whole source storage
+                    continue
+                # Row-parallel shards hold part of each row: the scale comes from the whole row.
+                row_max = None
+                if dim == 1:
+                    row_max = torch.stack([s[key].float().abs().amax(dim=1) for s in checkpoint.shards]).amax(dim=0)
+                state[key], state[scale_key(key)] = quantize_weight(shard[key], row_max)
+            torch.save(state, staging / path.name)
+    return Path(out_dir)
+
+
 def reference_text() -> str:
     """A fixed English text of about 450 KB that ships with Python: the language reference topics of pydoc."""
     from pydoc_data.topics import topics
@@ -192,4 +251,6 @@ def evaluate(
 if __name__ == "__main__":
     from .cli import run_cli
 
-    run_cli(evaluate)
+    from .convert import announcing
+
+    run_cli({"evaluate": evaluate, "write": announcing(write_quantized, "a quantized checkpoint")})

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, ShardedCheckpoint, read_params, staged_directory
+from .checkpoint import QUANTIZATION_FILE, CheckpointError, ShardedCheckpoint, read_params, staged_directory
 from .cli import run_cli
 from .model import ModelArgs
 from .tokenizer import SPEC_FILE
@@ -36,7 +36,7 @@ def reshard(ckpt_dir: str, out_dir: str, model_parallel_size: int) -> Path:
     checkpoint = ShardedCheckpoint(ckpt_dir, args)
 
     with staged_directory(out_dir) as staging:
-        for name in ("params.json", "tokenizer.model", SPEC_FILE):
+        for name in ("params.json", "tokenizer.model", SPEC_FILE, QUANTIZATION_FILE):
             if (ckpt_dir / name).is_file():
                 shutil.copyfile(ckpt_dir / name, staging / name)
         with tqdm(total=model_parallel_size * len(checkpoint.layout), desc="resharding", unit="tensor") as progress:

@@ -1,4 +1,4 @@
-"""Greedy tokens for a fixed batch of prompts, as JSON: `[torchrun ...] greedy_tokens.py CKPT_DIR OUT.json`."""
+"""Greedy tokens for a fixed batch of prompts, as JSON: `[torchrun ...] greedy_tokens.py CKPT_DIR OUT.json [QUANTIZE]`."""
 
 import json
 import os
@@ -9,8 +9,10 @@ from llama import Llama
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "1, 2, 3,"]
 
 
-def main(ckpt_dir: str, out_path: str) -> None:
-    generator = Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=len(PROMPTS), dtype="float32", device="cpu")
+def main(ckpt_dir: str, out_path: str, quantize: str = "") -> None:
+    generator = Llama.build(
+        ckpt_dir, max_seq_len=64, max_batch_size=len(PROMPTS), dtype="float32", device="cpu", quantize=quantize or None
+    )
     prompt_tokens = [generator.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     tokens, _ = generator.generate(prompt_tokens, max_gen_len=16, temperature=0)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -16,6 +16,7 @@ from checkpoints import TINY_PARAMS, kill_once_writing, random_state_dict, write
 from llama import Llama
 from llama.checkpoint import CheckpointError, ShardedCheckpoint
 from llama.model import ModelArgs
+from llama.quantize import write_quantized
 from llama.reshard import reshard
 
 TESTS = Path(__file__).parent
@@ -29,9 +30,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def greedy_tokens(ckpt_dir: Path, out: Path, nproc: int = 1) -> list:
+def greedy_tokens(ckpt_dir: Path, out: Path, nproc: int = 1, quantize: str = "") -> list:
     """Run tests/greedy_tokens.py in `nproc` processes (torchrun for more than one) and return its tokens."""
-    script = [str(TESTS / "greedy_tokens.py"), str(ckpt_dir), str(out)]
+    script = [str(TESTS / "greedy_tokens.py"), str(ckpt_dir), str(out), quantize]
     if nproc == 1:
         command = [sys.executable, *script]
     else:
@@ -66,6 +67,16 @@ def reference(checkpoints, tmp_path_factory):
 )
 def test_any_shard_count_on_any_process_count(checkpoints, reference, tmp_path, model, shards, nproc):
     assert greedy_tokens(checkpoints[model, shards], tmp_path / "out.json", nproc) == reference[model]
+
+
+@pytest.mark.parametrize("shards, nproc", [(2, 1), (2, 2), (1, 4)], ids=["2to1", "2to2", "1to4"])
+def test_quantized_checkpoint_loads_on_any_process_count(checkpoints, tmp_path, shards, nproc):
+    """A checkpoint written as int8 decodes as quantizing the original at load does, resharded too (1->4
+    replicates key/value heads and their scales)."""
+    source = checkpoints["kv2", shards]
+    quantized = write_quantized(source, tmp_path / "int8")
+    expected = greedy_tokens(source, tmp_path / "expected.json", quantize="int8")
+    assert greedy_tokens(quantized, tmp_path / "out.json", nproc) == expected
 
 
 def test_multi_node_launch(checkpoints, reference, tmp_path):

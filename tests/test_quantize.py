@@ -1,12 +1,17 @@
 """Weight-only int8 and prepacked weights: close to the plain model, with Meta's layer layout."""
 
+import json
+import subprocess
+
 import pytest
 import torch
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from llama import Llama
 from llama.model import PackedLinear
-from llama.quantize import int8_linear, perplexity, quantize_weight, quantize_weight_int4
+from llama.checkpoint import CheckpointError
+from llama.hf import export_hf
+from llama.quantize import int8_linear, perplexity, quantize_weight, quantize_weight_int4, write_quantized
 
 
 def test_quantized_weight_round_trips_within_half_a_step():
@@ -83,3 +88,26 @@ def test_packed_model_matches_plain(tiny_ckpt, dtype, tolerance):
     if dtype == "float32":  # the optimized path decodes exactly as the plain one
         prompts = tokens.tolist()
         assert packed.generate(prompts, 30, temperature=0)[0] == plain.generate(prompts, 30, temperature=0)[0]
+
+
+def test_written_int8_checkpoint_is_the_quantized_model(tmp_path, tiny_ckpt):
+    quantized = write_quantized(tiny_ckpt, tmp_path / "int8")
+    assert json.loads((quantized / "quantization.json").read_text()) == {"method": "int8"}
+    size = (quantized / "consolidated.00.pth").stat().st_size
+    assert size < 0.7 * (tiny_ckpt / "consolidated.00.pth").stat().st_size  # int8 linear weights, float32 embedding
+    subprocess.run(["md5sum", "--quiet", "-c", "checklist.chk"], cwd=quantized, check=True)
+    loaded = Llama.build(quantized, max_seq_len=32, max_batch_size=2, dtype="float32")
+    direct = Llama.build(tiny_ckpt, max_seq_len=32, max_batch_size=2, dtype="float32", quantize="int8")
+    assert loaded.model.layers[0].attention.wqkv.weight.dtype == torch.int8
+    tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(loaded.model.forward(tokens, 0), direct.model.forward(tokens, 0), rtol=0, atol=0)
+
+    with pytest.raises(ValueError, match="is quantized as int8: leave quantize unset"):
+        Llama.build(quantized, max_seq_len=32, max_batch_size=2, quantize="int4")
+    with pytest.raises(CheckpointError, match="already quantized"):
+        write_quantized(quantized, tmp_path / "again")
+    with pytest.raises(CheckpointError, match="export the original checkpoint"):
+        export_hf(str(quantized), str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match="only int8 checkpoints can be written"):
+        write_quantized(tiny_ckpt, tmp_path / "int4", method="int4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"]
