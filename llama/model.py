@@ -184,7 +184,7 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(
             args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=lambda x: x
         )
-        self.wqkv: Optional[nn.Module] = None  # wq, wk and wv in one, once converted (Transformer.convert_linear_layers)
+        self.wqkv: Optional[nn.Module] = None  # wq, wk and wv in one, once fused (Transformer.fuse_projections)
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
 
@@ -238,7 +238,7 @@ class FeedForward(nn.Module):
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=lambda x: x)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=lambda x: x)
 
-        self.w13: Optional[nn.Module] = None  # w1 and w3 in one, once converted (Transformer.convert_linear_layers)
+        self.w13: Optional[nn.Module] = None  # w1 and w3 in one, once fused (Transformer.fuse_projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is None:
