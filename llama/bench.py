@@ -26,6 +26,7 @@ from .generation import Llama
 from .hf import export_hf
 from .model import ModelArgs
 from .parallel import init_model_parallel, pick_dtype
+from .soak import memory_mib
 
 # Metric -> (label, unit, higher is better).
 METRICS = {
@@ -71,13 +72,6 @@ def parse_system(name: str) -> Tuple[str, Optional[str]]:
             f"unknown system {name!r}: use {', '.join(BASES)}, or ours+{' / ours+'.join(OUR_OPTIONS)}"
         )
     return base, option or None
-
-
-def _rss_mb(field: str) -> float:
-    """This process's resident memory from /proc/self/status: VmRSS now, VmHWM at its peak (in MiB)."""
-    status = Path("/proc/self/status").read_text()
-    line = next(line for line in status.splitlines() if line.startswith(f"{field}:"))
-    return int(line.split()[1]) / 1024
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -159,7 +153,7 @@ def worker(spec: dict) -> dict:
         return torch.randint(0, vocab, (batch, length), generator=gen).tolist()
 
     short = prompts(1, spec["prompt_len"])
-    start_rss_mb = _rss_mb("VmRSS")  # Python, torch and this repo imported
+    start_rss_mb = memory_mib("VmRSS")  # Python, torch and this repo imported
     start = time.perf_counter()
     system = SYSTEM_CLASSES[parse_system(spec["system"])[0]](spec)
     result = {"load_s": time.perf_counter() - start}
@@ -180,7 +174,7 @@ def worker(spec: dict) -> dict:
     batch_first = _timed(lambda: system.generate(batch, 1))
     batch_decode_time = _timed(lambda: system.generate(batch, new)) - batch_first
     result["decode_batch_tok_s"] = spec["batch"] * (new - 1) / batch_decode_time
-    result["peak_rss_mb"] = _rss_mb("VmHWM")
+    result["peak_rss_mb"] = memory_mib("VmHWM")
     result["rss_growth_mb"] = result["peak_rss_mb"] - start_rss_mb
     return result
 
@@ -279,8 +273,6 @@ def bench(
     Systems: `ours`, `ours+int8` and `ours+int4` (weight-only quantization), `transformers` (the baseline of
     the ratios) and `llama-models` (Meta's reference code).
     """
-
-
     if isinstance(systems, str):
         systems = systems.split(",")
     for system in systems:

@@ -4,7 +4,7 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass, fields
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
@@ -292,15 +292,16 @@ class PackedLinear:
         return parallel_linear(self, x, matmul)
 
 
-class PackedColumnParallelLinear(PackedLinear, ColumnParallelLinear):
-    pass
+def parallel_variants(mixin: type) -> Dict[type, type]:
+    """fairscale's ColumnParallelLinear and RowParallelLinear, each with `mixin`'s forward: a layer converts by
+    taking the class its own maps to."""
+    return {
+        base: type(f"{mixin.__name__[: -len('Linear')]}{base.__name__}", (mixin, base), {"__module__": mixin.__module__})
+        for base in (ColumnParallelLinear, RowParallelLinear)
+    }
 
 
-class PackedRowParallelLinear(PackedLinear, RowParallelLinear):
-    pass
-
-
-PACKED_CLASSES = {ColumnParallelLinear: PackedColumnParallelLinear, RowParallelLinear: PackedRowParallelLinear}
+PACKED_CLASSES = parallel_variants(PackedLinear)
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -331,9 +332,8 @@ def _fused(parent: nn.Module, names: List[str], release: Optional[Callable[[torc
     for name, tensor in [*fused.named_parameters(recurse=False), *fused.named_buffers(recurse=False)]:
         parts = [getattr(layer, name).detach() for layer in layers]
         stacked = torch.cat(parts)
-        for part in parts:
-            if release is not None:
-                release(part)
+        for part in parts if release is not None else []:
+            release(part)
         if isinstance(tensor, nn.Parameter):
             setattr(fused, name, nn.Parameter(stacked, requires_grad=False))
         else:

@@ -30,7 +30,7 @@ from .checkpoint import (
     QUANTIZATION_FILE, QUANTIZED_METHODS, CheckpointError, ShardedCheckpoint, linear_weight_keys, parameter_layout,
     read_params, scale_key, staged_directory,
 )
-from .model import ModelArgs, Transformer, parallel_linear
+from .model import ModelArgs, Transformer, parallel_linear, parallel_variants
 from .tokenizer import SPEC_FILE
 
 QUANTIZATIONS = ("int8", "int4")
@@ -64,15 +64,7 @@ class Int8Linear:
         return parallel_linear(self, x, lambda rows: int8_linear(rows, self.weight, self.scale))
 
 
-class Int8ColumnParallelLinear(Int8Linear, ColumnParallelLinear):
-    pass
-
-
-class Int8RowParallelLinear(Int8Linear, RowParallelLinear):
-    pass
-
-
-INT8_CLASSES = {ColumnParallelLinear: Int8ColumnParallelLinear, RowParallelLinear: Int8RowParallelLinear}
+INT8_CLASSES = parallel_variants(Int8Linear)
 
 
 def quantize_weight_int4(weight: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -102,15 +94,7 @@ class Int4Linear:
         return parallel_linear(self, x, matmul)
 
 
-class Int4ColumnParallelLinear(Int4Linear, ColumnParallelLinear):
-    pass
-
-
-class Int4RowParallelLinear(Int4Linear, RowParallelLinear):
-    pass
-
-
-INT4_CLASSES = {ColumnParallelLinear: Int4ColumnParallelLinear, RowParallelLinear: Int4RowParallelLinear}
+INT4_CLASSES = parallel_variants(Int4Linear)
 
 
 def check_method(method: str) -> None:

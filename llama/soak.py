@@ -25,11 +25,11 @@ QUESTIONS = [
 ]
 
 
-def resident_bytes() -> int:
-    """This process's resident set size (Linux)."""
+def memory_mib(field: str = "VmRSS") -> float:
+    """This process's resident memory (Linux) in MiB: `VmRSS` now, or `VmHWM` at its peak so far."""
     with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith("VmRSS:"))
-    return int(line.split()[1]) * 1024
+        line = next(line for line in f if line.startswith(f"{field}:"))
+    return int(line.split()[1]) / 1024
 
 
 def soak(
@@ -47,21 +47,21 @@ def soak(
         ckpt_dir = str(demo_checkpoint_dir())
     generator = Llama.build(ckpt_dir, max_seq_len=256, max_batch_size=3, device="cpu")
     start = time.time()
-    baseline = 0
+    baseline = 0.0
     for i in range(warmup + completions):
         if i == warmup:
-            baseline = resident_bytes()
+            baseline = memory_mib()
         batch = 1 + i % 3
         dialogs = [[{"role": "user", "content": QUESTIONS[(i + j) % len(QUESTIONS)]}] for j in range(batch)]
         generator.chat_completion(dialogs, temperature=0.7, top_p=0.9, max_gen_len=max_gen_len - i % 8)
-    growth = resident_bytes() / baseline - 1
+    growth = memory_mib() / baseline - 1
     result = {
         "completions": completions,
-        "rss_after_warmup_mib": baseline / 2**20,
+        "rss_after_warmup_mib": baseline,
         "rss_growth": growth,
         "seconds": time.time() - start,
     }
-    print(f"{completions} chat completions: resident memory {baseline / 2**20:.0f} MiB after warm-up, growth {growth:+.2%}")
+    print(f"{completions} chat completions: resident memory {baseline:.0f} MiB after warm-up, growth {growth:+.2%}")
     if out:
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
