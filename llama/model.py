@@ -295,8 +295,9 @@ class PackedLinear:
 def parallel_variants(mixin: type) -> Dict[type, type]:
     """fairscale's ColumnParallelLinear and RowParallelLinear, each with `mixin`'s forward: a layer converts by
     taking the class its own maps to."""
+    name_prefix = mixin.__name__.removesuffix("Linear")
     return {
-        base: type(f"{mixin.__name__[: -len('Linear')]}{base.__name__}", (mixin, base), {"__module__": mixin.__module__})
+        base: type(name_prefix + base.__name__, (mixin, base), {"__module__": mixin.__module__})
         for base in (ColumnParallelLinear, RowParallelLinear)
     }
 
