@@ -7,6 +7,7 @@ before timing. Generation is greedy and always runs the full number of tokens (s
 Prompts are random token ids with a fixed seed.
 """
 
+import importlib.util
 import json
 import os
 import platform
@@ -23,6 +24,7 @@ import torch
 from .checkpoint import ShardedCheckpoint, read_params, shard_paths, write_atomically
 from .demo import demo_checkpoint_dir
 from .generation import Llama
+from .gguf_export import export_gguf
 from .hf import export_hf
 from .model import ModelArgs
 from .parallel import init_model_parallel, pick_dtype
@@ -40,9 +42,16 @@ METRICS = {
     "rss_growth_mb": ("peak RSS above the worker's start", "MB", False),
 }
 RESULT_MARK = "BENCH_RESULT "
-# Systems: this repo (optionally weight-quantized, `ours+int8`), transformers, Meta's llama-models reference.
-BASES = ("ours", "transformers", "llama-models")
-OUR_OPTIONS = ("int8", "int4")
+# Systems and their options (`ours+int8`): this repo (weight-quantized, or with a compiled decode step),
+# transformers, Meta's llama-models reference, llama.cpp through llama-cpp-python (Q8_0 weights).
+SYSTEM_OPTIONS = {
+    "ours": ("int8", "int4", "compile"),
+    "transformers": (),
+    "llama-models": (),
+    "llama.cpp": ("q8_0",),
+}
+# The GGUF file type llama.cpp runs for each dtype.
+GGUF_FILE_TYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
 def machine() -> dict:
@@ -67,10 +76,9 @@ def machine() -> dict:
 def parse_system(name: str) -> Tuple[str, Optional[str]]:
     """`ours+int8` -> ("ours", "int8"); `transformers` -> ("transformers", None)."""
     base, _, option = name.partition("+")
-    if base not in BASES or (option and (base != "ours" or option not in OUR_OPTIONS)):
-        raise ValueError(
-            f"unknown system {name!r}: use {', '.join(BASES)}, or ours+{' / ours+'.join(OUR_OPTIONS)}"
-        )
+    if base not in SYSTEM_OPTIONS or (option and option not in SYSTEM_OPTIONS[base]):
+        names = [f"{base}+{option}" for base, options in SYSTEM_OPTIONS.items() for option in ("", *options)]
+        raise ValueError(f"unknown system {name!r}: use {', '.join(n.removesuffix('+') for n in names)}")
     return base, option or None
 
 
@@ -84,10 +92,10 @@ class _Ours:
     """This repo's Llama, generating through the public `generate`."""
 
     def __init__(self, spec: dict):
-        quantize = parse_system(spec["system"])[1]
+        option = parse_system(spec["system"])[1]
         self.llama = Llama.build(
             spec["ckpt_dir"], max_seq_len=spec["max_seq_len"], max_batch_size=spec["batch"], dtype=spec["dtype"],
-            device="cpu", quantize=quantize,
+            device="cpu", quantize=None if option == "compile" else option, compile=option == "compile",
         )
         self.llama.tokenizer.stop_tokens = set()  # always generate the full length
 
@@ -140,7 +148,28 @@ class _LlamaModels:
             logits = self.model.forward(next_token, position)
 
 
-SYSTEM_CLASSES = {"ours": _Ours, "transformers": _Transformers, "llama-models": _LlamaModels}
+class _LlamaCpp:
+    """llama.cpp through llama-cpp-python, on a GGUF written from the same checkpoint (`export_gguf`). Its Python
+    API runs one sequence at a time, so it has no batch-N figure."""
+
+    batched = False
+
+    def __init__(self, spec: dict):
+        from llama_cpp import Llama as LlamaCpp
+
+        self.model = LlamaCpp(
+            model_path=spec["gguf_paths"][spec["system"]], n_ctx=spec["max_seq_len"], n_batch=spec["max_seq_len"], n_threads=spec["threads"],
+            verbose=False,
+        )
+
+    def generate(self, prompts: List[List[int]], new_tokens: int) -> None:
+        for prompt in prompts:
+            tokens = self.model.generate(prompt, temp=0, top_k=1, reset=True)
+            for _, _ in zip(range(new_tokens), tokens):
+                pass
+
+
+SYSTEM_CLASSES = {"ours": _Ours, "transformers": _Transformers, "llama-models": _LlamaModels, "llama.cpp": _LlamaCpp}
 
 
 def worker(spec: dict) -> dict:
@@ -171,9 +200,11 @@ def worker(spec: dict) -> dict:
     result["prefill_tok_s"] = spec["prefill_len"] / _timed(lambda: system.generate(long, 1))
     decode_time = _timed(lambda: system.generate(short, new)) - result["ttft_s"]
     result["decode_b1_tok_s"] = (new - 1) / decode_time
-    batch_first = _timed(lambda: system.generate(batch, 1))
-    batch_decode_time = _timed(lambda: system.generate(batch, new)) - batch_first
-    result["decode_batch_tok_s"] = spec["batch"] * (new - 1) / batch_decode_time
+    result["decode_batch_tok_s"] = None
+    if getattr(system, "batched", True):
+        batch_first = _timed(lambda: system.generate(batch, 1))
+        batch_decode_time = _timed(lambda: system.generate(batch, new)) - batch_first
+        result["decode_batch_tok_s"] = spec["batch"] * (new - 1) / batch_decode_time
     result["peak_rss_mb"] = memory_mib("VmHWM")
     result["rss_growth_mb"] = result["peak_rss_mb"] - start_rss_mb
     return result
@@ -192,12 +223,18 @@ def run_worker(spec: dict) -> dict:
 
 
 def summarize(reps: List[dict]) -> Dict[str, dict]:
-    """Median, min and max of each metric over repetitions."""
+    """Median, min and max of each metric over repetitions (None for a metric the system does not measure)."""
     return {
         key: {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        if None not in values
+        else {"median": None, "min": None, "max": None}
         for key in reps[0]
         for values in [[rep[key] for rep in reps]]
     }
+
+
+def _ratio(value: Optional[float], baseline: Optional[float]) -> Optional[float]:
+    return None if value is None or baseline is None else value / baseline
 
 
 def markdown_table(report: dict) -> str:
@@ -217,8 +254,9 @@ def markdown_table(report: dict) -> str:
     ]
     for key, (label, unit, _) in METRICS.items():
         stats = [report["systems"][s]["summary"][key] for s in systems]
-        cells = [f"{st['median']:.3g} ({st['min']:.3g}–{st['max']:.3g})" for st in stats]
-        cells += [f"{report['ratios'][s][key]:.2f}x" for s in systems if baseline and s != baseline]
+        cells = [f"{st['median']:.3g} ({st['min']:.3g}–{st['max']:.3g})" if st["median"] else "–" for st in stats]
+        ratios = [report["ratios"][s][key] for s in systems if baseline and s != baseline]
+        cells += [f"{ratio:.2f}x" if ratio else "–" for ratio in ratios]
         lines.append(f"| {label} ({unit}) | " + " | ".join(cells) + " |")
     growth = [report["systems"][s]["summary"]["rss_growth_mb"]["median"] / config["checkpoint_mb"] for s in systems]
     lines.append(
@@ -243,6 +281,7 @@ def write_plot(report: dict, path: Path) -> None:
         ax.set_visible(False)
     for ax, (key, (label, unit, higher)) in zip(axes.flat, METRICS.items()):
         stats = [report["systems"][s]["summary"][key] for s in systems]
+        stats = [st if st["median"] is not None else {"median": 0, "min": 0, "max": 0} for st in stats]  # no bar
         medians = [st["median"] for st in stats]
         errors = [[st["median"] - st["min"] for st in stats], [st["max"] - st["median"] for st in stats]]
         ax.bar(range(len(systems)), medians, yerr=errors, capsize=4, color=[f"C{i}" for i in range(len(systems))])
@@ -270,16 +309,25 @@ def bench(
     """Benchmark `systems` on the checkpoint in `ckpt_dir` (default: the demo model); print a markdown table,
     write the JSON report to `out` and a PNG plot to `plot`.
 
-    Systems: `ours`, `ours+int8` and `ours+int4` (weight-only quantization), `transformers` (the baseline of
-    the ratios) and `llama-models` (Meta's reference code).
+    Systems: `ours`, `ours+int8` and `ours+int4` (weight-only quantization), `ours+compile` (the decode step
+    compiled with torch.compile), `transformers` (the baseline of the ratios), `llama-models` (Meta's reference
+    code), `llama.cpp` (llama-cpp-python, if installed, on a GGUF of the same weights in the same precision) and
+    `llama.cpp+q8_0` (its 8-bit weights).
     """
     if isinstance(systems, str):
         systems = systems.split(",")
     for system in systems:
         parse_system(system)
+    if any(s.startswith("llama.cpp") for s in systems) and importlib.util.find_spec("llama_cpp") is None:
+        raise ValueError("the llama.cpp system needs llama-cpp-python: pip install llama-cpp-python (it compiles llama.cpp)")
+    dtype_name = str(pick_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")  # a clear error if unknown
+    gguf_types = {  # the GGUF file type each llama.cpp system runs
+        s: parse_system(s)[1] or GGUF_FILE_TYPES.get(dtype_name) for s in systems if s.startswith("llama.cpp")
+    }
+    if None in gguf_types.values():
+        raise ValueError(f"llama.cpp has no {dtype} weights: use --dtype {' or '.join(GGUF_FILE_TYPES)}")
     if reps < 1 or min(prompt_len, new_tokens, prefill_len, batch) < 2:
         raise ValueError("reps must be >= 1 and the prompt, token, prefill and batch counts >= 2")
-    pick_dtype(dtype, torch.device("cpu"))  # a clear error for an unknown dtype, before any work
     ckpt_dir = str(ckpt_dir or demo_checkpoint_dir())
     params = read_params(Path(ckpt_dir))
     threads = threads or torch.get_num_threads()
@@ -296,10 +344,12 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="llama-bench-") as tmp:
         if "transformers" in systems:
             spec["hf_dir"] = str(export_hf(ckpt_dir, Path(tmp) / "hf", dtype=dtype))
+        paths = {t: str(export_gguf(ckpt_dir, Path(tmp) / f"model-{t}.gguf", t)) for t in set(gguf_types.values())}
+        spec["gguf_paths"] = {system: paths[file_type] for system, file_type in gguf_types.items()}
         for rep in range(reps):
             for system in systems:
                 runs[system].append(run_worker({**spec, "system": system}))
-                measured = ", ".join(f"{k} {v:.3g}" for k, v in runs[system][-1].items())
+                measured = ", ".join(f"{k} {v:.3g}" for k, v in runs[system][-1].items() if v is not None)
                 print(f"rep {rep + 1}/{reps} {system}: {measured}", file=sys.stderr)
     report = {
         "machine": machine(),
@@ -308,7 +358,7 @@ def bench(
     }
     medians = {s: {key: st["median"] for key, st in r["summary"].items()} for s, r in report["systems"].items()}
     report["ratios"] = {
-        s: {key: medians[s][key] / medians["transformers"][key] for key in METRICS}
+        s: {key: _ratio(medians[s][key], medians["transformers"][key]) for key in METRICS}
         for s in systems
         if s != "transformers" and "transformers" in systems
     }

@@ -8,7 +8,7 @@ as the merge list does.
 
 import base64
 from pathlib import Path
-from typing import Collection, Dict, Sequence
+from typing import Collection, Dict, List, Sequence, Tuple
 
 from .tokenizer import LLAMA3_PATTERN, SPEC_FILE, TokenizerSpec
 
@@ -36,6 +36,22 @@ def byte_to_unicode() -> Dict[int, str]:
         if b not in mapping:
             mapping[b] = chr(256 + len(mapping) - len(printable))
     return mapping
+
+
+def byte_level_text(ranks: Dict[bytes, int], n_words: int) -> Dict[bytes, str]:
+    """The byte-level text of each token of a tiktoken ranks file whose rank is below `n_words`."""
+    to_text = byte_to_unicode()
+    return {token: "".join(to_text[b] for b in token) for token, rank in ranks.items() if rank < n_words}
+
+
+def merges_for_ranks(text: Dict[bytes, str], ranks: Dict[bytes, int]) -> List[Tuple[str, str]]:
+    """Byte-level BPE merges (as in Hugging Face and GGUF files) that merge as tiktoken does with `ranks`: every
+    split of every token into two tokens, ordered by the rank of the token they make."""
+    merges = []
+    for token in sorted(text, key=ranks.__getitem__):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token))]
+        merges.extend((text[left], text[right]) for left, right in splits if left in text and right in text)
+    return merges
 
 
 def pretokenizer_pattern(name: str) -> str:

@@ -99,14 +99,18 @@ def chat(
     max_gen_len: int = 512,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
+    compile: bool = False,
 ) -> None:
-    """Chat with the model in `ckpt_dir` (the bundled demo model when omitted)."""
+    """Chat with the model in `ckpt_dir` (the bundled demo model when omitted); `--quantize int8|int4` and
+    `--compile` as in Llama.build."""
     if ckpt_dir is None:
         from .demo import demo_checkpoint_dir
 
         ckpt_dir = str(demo_checkpoint_dir())
     generator = Llama.build(
-        ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, device=device, dtype=dtype
+        ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, device=device, dtype=dtype,
+        quantize=quantize, compile=compile,
     )
     session = ChatSession(generator, system=system, max_gen_len=max_gen_len)
     # Ctrl-C stops an answer even if this process was started with SIGINT ignored (as background jobs are).

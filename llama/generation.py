@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, TypedDic
 import torch
 
 from .checkpoint import CheckpointError, ShardedCheckpoint, read_params, release_pages
-from .model import ModelArgs, Transformer, can_pack, skip_weight_init
+from .model import ModelArgs, Transformer, skip_weight_init
 from .parallel import init_model_parallel, pick_device, pick_dtype
 from .sequence import GeneratedSequence
 from .chat_format import Dialog, Message, chat_format_for, check_dialog, check_turn_order
@@ -44,15 +44,18 @@ class Llama:
         dtype: Union[str, torch.dtype, None] = None,
         quantize: Optional[str] = None,
         prepack: bool = True,
+        compile: bool = False,
     ) -> "Llama":
         """Load a Meta checkpoint directory (params.json, consolidated.NN.pth) on this process's share of ranks.
 
         Works under `torchrun --nproc_per_node N` (any N the model's head counts allow, whatever the number of
         shards) and in a plain Python process. `tokenizer_path` defaults to `ckpt_dir/tokenizer.model`.
         `quantize="int8"` or `"int4"` quantizes the linear layers' weights (see llama.quantize); a checkpoint written
-        quantized by `python -m llama.quantize write` loads quantized by itself. On the CPU, float32 and
-        bfloat16 weights are prepacked for oneDNN (see PackedLinear): much faster, but the model is then for
-        inference only and its logits differ from the plain layers' by rounding; `prepack=False` keeps plain layers.
+        quantized by `python -m llama.quantize write` loads quantized by itself. Unquantized models are made
+        for inference (see Transformer.optimize_for_inference): projections fused and, on the CPU, float32 and
+        bfloat16 weights prepacked for oneDNN where it can (see PackedLinear), which is much faster but rounds
+        differently; `prepack=False` keeps Meta's plain layers. `compile=True` compiles the decode step with
+        torch.compile (see Transformer.compile_decoding): faster steps after a long first one, single process only.
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError("max_seq_len and max_batch_size must be positive integers")
@@ -89,9 +92,11 @@ class Llama:
             model.fuse_projections(release=release_pages)
         elif quantize:
             quantize_model(model, quantize, release=release_pages)  # the loaded weights are the model's own
-        elif prepack and can_pack(dtype, device):
-            model.pack_weights(release=release_pages)
+        elif prepack:
+            model.optimize_for_inference(release=release_pages)
         model.setup_caches(dtype, device)
+        if compile:
+            model.compile_decoding()
         print(f"Loaded {ckpt_dir} ({checkpoint.num_shards} shard(s) on {world_size} process(es)) in {time.time() - start:.2f} s")
         return Llama(model, tokenizer)
 

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-from .bpe import PRETOKENIZER_PATTERNS, byte_to_unicode, ranks_from_byte_level_vocab, write_tokenizer
+from .bpe import PRETOKENIZER_PATTERNS, byte_level_text, merges_for_ranks, ranks_from_byte_level_vocab, write_tokenizer
 from .checkpoint import CheckpointError, ShardedCheckpoint, parameter_layout, read_params, staged_directory
 from .chat_format import default_system_prompt
 from .model import (
@@ -439,17 +439,7 @@ def convert_hf(hf_dir: str, out_dir: str, dtype: Optional[str] = None) -> Path:
     return out_dir
 
 
-def _merges(text: Dict[bytes, str], ranks: Dict[bytes, int]) -> List[Tuple[str, str]]:
-    """BPE merges that make a Hugging Face BPE merge as tiktoken does: every split of every token into two
-    tokens, ordered by the rank of the token they make."""
-    merges = []
-    for token in sorted(text, key=ranks.__getitem__):
-        splits = [(token[:i], token[i:]) for i in range(1, len(token))]
-        merges.extend((text[left], text[right]) for left, right in splits if left in text and right in text)
-    return merges
-
-
-def _chat_template(spec: TokenizerSpec) -> str:
+def chat_template(spec: TokenizerSpec) -> str:
     """A Jinja chat template that renders dialogs as the spec's chat format does."""
     if spec.chat_format == "llama3":
         header, end = "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n", "<|eot_id|>"
@@ -478,10 +468,9 @@ def _chat_template(spec: TokenizerSpec) -> str:
 def hf_tokenizer_files(tokenizer_path: Path, spec: TokenizerSpec, out_dir: Path, max_length: int) -> None:
     """Write tokenizer.json and tokenizer_config.json for a tiktoken `tokenizer.model` and its spec."""
     ranks = load_tiktoken_bpe(str(tokenizer_path))
-    to_text = byte_to_unicode()
-    text = {token: "".join(to_text[b] for b in token) for token, rank in ranks.items() if rank < spec.n_words}
+    text = byte_level_text(ranks, spec.n_words)
     vocab = {**{text[token]: ranks[token] for token in text}, **spec.special_tokens}
-    tokenizer = HFTokenizer(models.BPE(vocab, _merges(text, ranks), ignore_merges=True))
+    tokenizer = HFTokenizer(models.BPE(vocab, merges_for_ranks(text, ranks), ignore_merges=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(spec.pattern), behavior="isolated"),
@@ -505,7 +494,7 @@ def hf_tokenizer_files(tokenizer_path: Path, spec: TokenizerSpec, out_dir: Path,
         "model_input_names": ["input_ids", "attention_mask"],
         "model_max_length": max_length,
         "clean_up_tokenization_spaces": False,
-        "chat_template": _chat_template(spec),
+        "chat_template": chat_template(spec),
     }
     (Path(out_dir) / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
@@ -524,15 +513,9 @@ def _shard_plan(layout: Dict[str, Tuple[int, ...]], element_size: int, max_bytes
     return groups
 
 
-def export_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Convert the Meta checkpoint in `ckpt_dir` into the new Hugging Face directory `out_dir`: config.json,
-    generation_config.json, model.safetensors (split into shards past `max_shard_bytes`) and tokenizer files.
-    `dtype` defaults to that of the checkpoint."""
-    if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
-        raise ValueError(f"--max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
-    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+def export_source(ckpt_dir: Path) -> Tuple[ShardedCheckpoint, Tokenizer]:
+    """The checkpoint and tokenizer of an unquantized Meta checkpoint directory to export, checked."""
     args = ModelArgs(**read_params(ckpt_dir))
-    args.max_seq_len = CONTEXT_LENGTH[args.use_scaled_rope]
     tokenizer_path = ckpt_dir / "tokenizer.model"
     tokenizer = Tokenizer(str(tokenizer_path))
     if tokenizer.n_words != args.vocab_size:
@@ -543,6 +526,20 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None, max_shar
     checkpoint = ShardedCheckpoint(ckpt_dir, args)
     if checkpoint.quantization:
         raise CheckpointError(f"{ckpt_dir} is quantized ({checkpoint.quantization}): export the original checkpoint")
+    return checkpoint, tokenizer
+
+
+def export_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Convert the Meta checkpoint in `ckpt_dir` into the new Hugging Face directory `out_dir`: config.json,
+    generation_config.json, model.safetensors (split into shards past `max_shard_bytes`) and tokenizer files.
+    `dtype` defaults to that of the checkpoint."""
+    if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise ValueError(f"--max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    checkpoint, tokenizer = export_source(ckpt_dir)
+    args = checkpoint.args
+    args.max_seq_len = CONTEXT_LENGTH[args.use_scaled_rope]
+    tokenizer_path = ckpt_dir / "tokenizer.model"
     target = checkpoint.shards[0]["tok_embeddings.weight"].dtype if dtype is None else pick_dtype(dtype, torch.device("cpu"))
     eos_ids = sorted(tokenizer.stop_tokens)
     config = {

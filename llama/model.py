@@ -4,7 +4,7 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass, fields
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
@@ -196,8 +196,16 @@ class Attention(nn.Module):
         self.cache_v = torch.empty(shape, dtype=dtype, device=device)
 
     def forward(
-        self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        start_pos: Union[int, torch.Tensor],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
+        """Attention of `x` (bs, seqlen, dim) at positions start_pos... over the cache. A tensor `start_pos` (1,)
+        is a compiled decode step (seqlen 1): attention then spans the whole cache, and `mask` hides unwritten
+        positions, so that shapes never change."""
         bsz, seqlen, _ = x.shape
         if self.wqkv is None:
             xqk = torch.cat([self.wq(x), self.wk(x)], dim=-1)
@@ -210,11 +218,16 @@ class Attention(nn.Module):
         xq, xk = xqk.split(heads, dim=2)  # (bs, seqlen, n_local_heads | n_local_kv_heads, head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
 
-        end_pos = start_pos + seqlen
-        self.cache_k[:bsz, :, start_pos:end_pos] = xk.transpose(1, 2)
-        self.cache_v[:bsz, :, start_pos:end_pos] = xv.transpose(1, 2)
-        keys = self.cache_k[:bsz, :, :end_pos]  # (bs, n_local_kv_heads, cache_len + seqlen, head_dim)
-        values = self.cache_v[:bsz, :, :end_pos]
+        if isinstance(start_pos, torch.Tensor):  # a compiled decode step: the whole cache, `mask` hides the rest
+            self.cache_k[:bsz].index_copy_(2, start_pos, xk.transpose(1, 2))
+            self.cache_v[:bsz].index_copy_(2, start_pos, xv.transpose(1, 2))
+            keys, values = self.cache_k[:bsz], self.cache_v[:bsz]  # (bs, n_local_kv_heads, max_seq_len, head_dim)
+        else:
+            end_pos = start_pos + seqlen
+            self.cache_k[:bsz, :, start_pos:end_pos] = xk.transpose(1, 2)
+            self.cache_v[:bsz, :, start_pos:end_pos] = xv.transpose(1, 2)
+            keys = self.cache_k[:bsz, :, :end_pos]  # (bs, n_local_kv_heads, cache_len + seqlen, head_dim)
+            values = self.cache_v[:bsz, :, :end_pos]
 
         # Grouped-query attention as plain attention per key/value head: the query heads sharing a key/value
         # head become extra query rows, so keys and values are never repeated (and CPU kernels stay fast).
@@ -273,8 +286,65 @@ def parallel_linear(layer: nn.Module, x: torch.Tensor, matmul: Callable[[torch.T
     return reduce_from_model_parallel_region(matmul(x))
 
 
-# Weights are packed in row blocks of at most this many bytes, so that packing one needs little extra memory.
+def parallel_variants(mixin: type) -> Dict[type, type]:
+    """fairscale's ColumnParallelLinear and RowParallelLinear, each with `mixin`'s forward: a layer converts by
+    taking the class its own maps to."""
+    name_prefix = mixin.__name__.removesuffix("Linear")
+    return {
+        base: type(name_prefix + base.__name__, (mixin, base), {"__module__": mixin.__module__})
+        for base in (ColumnParallelLinear, RowParallelLinear)
+    }
+
+
+# Weights are packed (or converted on the fly) in row blocks of at most this many bytes, so that it needs
+# little extra memory.
 PACK_BLOCK_BYTES = 16 << 20
+# Products of at least this many rows run in float32 where the CPU lacks native bfloat16/float16 kernels.
+UPCAST_MIN_ROWS = 32
+
+
+@functools.lru_cache()
+def needs_upcast(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether matrix products in `dtype` on `device` lack native CPU kernels (bfloat16 without AVX512-BF16 or
+    AMX, float16 without AVX512-FP16): torch then emulates them, and products of many rows, as in prefill, are
+    several times faster converted to float32 (measured 4x at 512 rows on an AVX2 CPU)."""
+    if device.type != "cpu":
+        return False
+    if dtype == torch.bfloat16:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
+def blockwise_linear(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """F.linear(x, weight) computed in `dtype`, converting a block of weight rows at a time (never more than
+    PACK_BLOCK_BYTES converted at once), in `dtype`."""
+    rows = max(1, PACK_BLOCK_BYTES // (weight.shape[1] * dtype.itemsize))
+    x = x.to(dtype)
+    outputs = [F.linear(x, block.to(dtype)) for block in weight.split(rows)]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+
+
+class DirectLinear:
+    """Mixin for a fairscale linear layer computing F.linear directly on a single rank (see parallel_linear),
+    in float32 for products of many rows where `needs_upcast`."""
+
+    weight: nn.Parameter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def matmul(rows: torch.Tensor) -> torch.Tensor:
+            if rows.numel() >= UPCAST_MIN_ROWS * rows.shape[-1] and needs_upcast(rows.dtype, rows.device):
+                return blockwise_linear(rows, self.weight, torch.float32).to(rows.dtype)
+            return F.linear(rows, self.weight)
+
+        return parallel_linear(self, x, matmul)
+
+
+DIRECT_CLASSES = parallel_variants(DirectLinear)
+
+
+def _direct(module: nn.Module, weight: torch.Tensor) -> None:
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    module.__class__ = DIRECT_CLASSES[type(module)]
 
 
 class PackedLinear:
@@ -290,16 +360,6 @@ class PackedLinear:
             return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
         return parallel_linear(self, x, matmul)
-
-
-def parallel_variants(mixin: type) -> Dict[type, type]:
-    """fairscale's ColumnParallelLinear and RowParallelLinear, each with `mixin`'s forward: a layer converts by
-    taking the class its own maps to."""
-    name_prefix = mixin.__name__.removesuffix("Linear")
-    return {
-        base: type(name_prefix + base.__name__, (mixin, base), {"__module__": mixin.__module__})
-        for base in (ColumnParallelLinear, RowParallelLinear)
-    }
 
 
 PACKED_CLASSES = parallel_variants(PackedLinear)
@@ -371,6 +431,7 @@ class Transformer(nn.Module):
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=lambda x: x)
         self.rope_cos: Optional[torch.Tensor] = None
         self.rope_sin: Optional[torch.Tensor] = None
+        self.compiled_step: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
     def setup_caches(self, dtype: torch.dtype, device: torch.device) -> None:
         """Allocate the KV caches (max_batch_size x max_seq_len) and the RoPE tables on `device`."""
@@ -383,6 +444,33 @@ class Transformer(nn.Module):
         fused (see convert_linear_layers). `release(weight)`, if given, is called on each weight once copied:
         the weights are then this model's alone, and the call may free their memory."""
         self.convert_linear_layers(lambda module, weight: _pack(module, weight, release), release)
+
+    def optimize_for_inference(self, release: Optional[Callable[[torch.Tensor], None]] = None) -> None:
+        """Fuse the projections and give every linear layer the fastest unquantized kernel: prepacked for oneDNN
+        where `can_pack` (see pack_weights), else F.linear without fairscale's wrappers on a single rank."""
+        weight = self.tok_embeddings.weight
+        if can_pack(weight.dtype, weight.device):
+            self.pack_weights(release)
+            return
+        self.fuse_projections(release)
+        for module in self._fairscale_linear_layers():
+            _direct(module, module.weight.detach())  # the weights stay in use: nothing to release
+
+    def compile_decoding(self) -> None:
+        """Run decode steps (one new token per sequence) through torch.compile: inductor fuses the small
+        operations and, with freezing, treats the weights as constants (prepacking those it can). Each step
+        attends over the whole cache with unwritten positions masked, so the caches are zeroed (garbage there
+        could be NaN). The first step at batch size 1, and the first above 1, compile: over a minute for the
+        demo model on 2 cores, in every new process (frozen graphs are not cached on disk)."""
+        import torch._inductor.config as inductor_config
+
+        if fs_init.get_model_parallel_world_size() > 1:
+            raise ValueError("compiling needs a single process: run without torchrun or leave compile off")
+        for layer in self.layers:
+            layer.attention.cache_k.zero_()
+            layer.attention.cache_v.zero_()
+        compiled = torch.compile(self._decode_step, fullgraph=True)
+        self.compiled_step = inductor_config.patch(freezing=True)(compiled)  # the setting is read when compiling
 
     def fuse_projections(self, release: Optional[Callable[[torch.Tensor], None]] = None) -> None:
         """Make wq, wk, wv one layer `attention.wqkv` and w1, w3 one layer `feed_forward.w13`: one matrix product
@@ -402,13 +490,16 @@ class Transformer(nn.Module):
         fairscale linear layer, which must then compute with `weight` in its own way. `release`, if given, is
         called on every weight once it is no longer needed."""
         self.fuse_projections(release)
-        for module in [*self.modules()]:
-            if type(module) in (ColumnParallelLinear, RowParallelLinear) and module.bias is None:
-                weight = module.weight.detach()
-                del module.weight
-                convert(module, weight)
-                if release is not None:
-                    release(weight)
+        for module in self._fairscale_linear_layers():
+            weight = module.weight.detach()
+            del module.weight
+            convert(module, weight)
+            if release is not None:
+                release(weight)
+
+    def _fairscale_linear_layers(self) -> List[nn.Module]:
+        """The bias-free fairscale linear layers not yet converted to another class."""
+        return [m for m in self.modules() if type(m) in (ColumnParallelLinear, RowParallelLinear) and m.bias is None]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Compact the KV caches so that batch rows `rows` (in this order) become rows 0, 1, ..."""
@@ -426,7 +517,11 @@ class Transformer(nn.Module):
         bsz, seqlen = tokens.shape
         if start_pos + seqlen > self.params.max_seq_len:
             raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len {self.params.max_seq_len}")
-        h = self.tok_embeddings(tokens)
+        if seqlen == 1 and self.compiled_step is not None:
+            if bsz > 1:  # one compiled graph for every batch size above 1
+                torch._dynamo.maybe_mark_dynamic(tokens, 0)
+            tokens = tokens.clone(memory_format=torch.contiguous_format)  # strides of a slice would recompile
+            return self.compiled_step(tokens, torch.tensor([start_pos], device=tokens.device))
         cos = self.rope_cos[start_pos : start_pos + seqlen]
         sin = self.rope_sin[start_pos : start_pos + seqlen]
         mask = None
@@ -434,6 +529,18 @@ class Transformer(nn.Module):
             # Causal over the new tokens; every cached position is visible.
             mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
             mask = mask.tril(diagonal=start_pos)
+        return self._logits(tokens, start_pos, cos, sin, mask, last_only)
+
+    def _decode_step(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Logits (bs, 1, vocab) for `tokens` (bs, 1) at `position` (1,), in shapes that never change (compiled)."""
+        mask = (torch.arange(self.params.max_seq_len, device=position.device) <= position)[None]  # (1, max_seq_len)
+        return self._logits(tokens, position, self.rope_cos[position], self.rope_sin[position], mask)
+
+    def _logits(self, tokens, start_pos, cos, sin, mask, last_only=False) -> torch.Tensor:
+        if fs_init.get_model_parallel_world_size() == 1:
+            h = F.embedding(tokens, self.tok_embeddings.weight)  # without fairscale's wrappers
+        else:
+            h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, start_pos, cos, sin, mask)
         if last_only:

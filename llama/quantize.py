@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 from tqdm import tqdm
 
@@ -30,7 +28,7 @@ from .checkpoint import (
     QUANTIZATION_FILE, QUANTIZED_METHODS, CheckpointError, ShardedCheckpoint, linear_weight_keys, parameter_layout,
     read_params, scale_key, staged_directory,
 )
-from .model import ModelArgs, Transformer, parallel_linear, parallel_variants
+from .model import ModelArgs, Transformer, blockwise_linear, needs_upcast, parallel_linear, parallel_variants
 from .tokenizer import SPEC_FILE
 
 QUANTIZATIONS = ("int8", "int4")
@@ -54,7 +52,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and rows.shape[0] <= INT8_KERNEL_MAX_ROWS:
         out = torch._weight_int8pack_mm(rows.contiguous(), weight, scale)
         return out.view(*x.shape[:-1], -1)  # (..., out_features)
-    return F.linear(x, weight.to(x.dtype)) * scale
+    compute = torch.float32 if needs_upcast(x.dtype, x.device) else x.dtype
+    return (blockwise_linear(x, weight, compute) * scale).to(x.dtype)
 
 
 class Int8Linear:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from llama.bench import METRICS, bench, markdown_table, parse_system
+from llama.bench import METRICS, bench, markdown_table, parse_system, summarize
 
 
 def test_bench_writes_a_complete_report(tiny_ckpt, tmp_path, capsys):
@@ -32,6 +32,16 @@ def test_bench_writes_a_complete_report(tiny_ckpt, tmp_path, capsys):
 def test_system_names():
     assert parse_system("ours+int8") == ("ours", "int8")
     assert parse_system("llama-models") == ("llama-models", None)
-    for bad in ("theirs", "transformers+int8", "ours+int3", "ours+int8+int4"):
+    assert parse_system("ours+compile") == ("ours", "compile")
+    assert parse_system("llama.cpp+q8_0") == ("llama.cpp", "q8_0")
+    for bad in ("theirs", "transformers+int8", "ours+int3", "ours+int8+int4", "llama.cpp+int8", "ours+q8_0"):
         with pytest.raises(ValueError, match="unknown system"):
             parse_system(bad)
+
+
+def test_metrics_a_system_does_not_measure_stay_empty():
+    reps = [{"decode_b1_tok_s": 10.0, "decode_batch_tok_s": None}, {"decode_b1_tok_s": 30.0, "decode_batch_tok_s": None}]
+    assert summarize(reps) == {
+        "decode_b1_tok_s": {"median": 20.0, "min": 10.0, "max": 30.0},
+        "decode_batch_tok_s": {"median": None, "min": None, "max": None},
+    }

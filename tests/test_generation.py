@@ -143,7 +143,9 @@ def test_bad_build_arguments(tiny_ckpt):
 
 def test_bfloat16_runs(tiny_ckpt):
     g = Llama.build(tiny_ckpt, max_seq_len=32, max_batch_size=1, dtype="bfloat16")
-    assert g.model.tok_embeddings.weight.dtype == torch.bfloat16 and g.model.output.blocks[0].dtype == torch.bfloat16
+    output = g.model.output  # prepacked where the CPU has AVX512-BF16, else plain weights
+    assert g.model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert (output.blocks[0] if hasattr(output, "blocks") else output.weight).dtype == torch.bfloat16
     assert len(g.generate([[128000, 791]], 4, temperature=0)[0][0]) <= 4
 
 

@@ -8,6 +8,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from llama import Llama, ModelArgs
 from llama.hf import hf_config, meta_to_hf_state_dict
+from llama import model
 from llama.model import rope_frequencies
 
 PROMPTS = [
@@ -99,3 +100,28 @@ def test_logprobs_match_transformers(tiny_ckpt, tiny_state, tokenizer):
             expected = torch.log_softmax(reference(torch.tensor([row])).logits[0, :-1], dim=-1)
         expected = expected.gather(-1, torch.tensor(row[1:])[:, None]).squeeze(-1)
         torch.testing.assert_close(torch.tensor(row_logprobs[1:]), expected, atol=1e-4, rtol=0)
+
+
+def test_compiled_decoding_matches_transformers(tiny_ckpt, tiny_state, tokenizer):
+    """Compiled decode steps (attention over the whole zeroed cache, masked) give transformers' logits at batch 2,
+    and the batch-1 graph the eager model's greedy tokens."""
+    compiled = Llama.build(tiny_ckpt, max_seq_len=64, max_batch_size=2, dtype="float32", compile=True)
+    reference = hf_model(tiny_state, TINY_PARAMS)
+    tokens = torch.randint(0, TINY_PARAMS["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(tokens).logits
+    incremental = [compiled.model.forward(tokens[:, :12], 0)]
+    incremental += [compiled.model.forward(tokens[:, pos : pos + 1], pos) for pos in range(12, 20)]
+    torch.testing.assert_close(torch.cat(incremental, dim=1), expected, atol=1e-4, rtol=0)
+
+    eager = Llama.build(tiny_ckpt, max_seq_len=64, max_batch_size=2, dtype="float32")
+    prompt = tokenizer.encode(PROMPTS[0], bos=True, eos=False)
+    assert compiled.generate([prompt], 16, temperature=0) == eager.generate([prompt], 16, temperature=0)
+
+
+def test_blockwise_linear_is_f_linear_in_its_dtype(monkeypatch):
+    monkeypatch.setattr(model, "PACK_BLOCK_BYTES", 1024)  # 4 rows of 64 float32 values per block
+    x, weight = torch.randn(40, 64).bfloat16(), torch.randn(101, 64).bfloat16()
+    out = model.blockwise_linear(x, weight, torch.float32)
+    assert out.dtype == torch.float32 and out.shape == (40, 101)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x.float(), weight.float()), atol=1e-5, rtol=1e-5)

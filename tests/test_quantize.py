@@ -8,7 +8,8 @@ import torch
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from llama import Llama
-from llama.model import PackedLinear
+from llama import model
+from llama.model import DirectLinear, PackedLinear
 from llama.checkpoint import CheckpointError
 from llama.hf import export_hf
 from llama.quantize import int8_linear, perplexity, quantize_weight, quantize_weight_int4, write_quantized
@@ -72,22 +73,28 @@ def test_int8_model_is_close_to_float(tiny_ckpt, tokenizer):
 
 
 
-@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("bfloat16", 0.02)])
-def test_packed_model_matches_plain(tiny_ckpt, dtype, tolerance):
-    packed = Llama.build(tiny_ckpt, max_seq_len=48, max_batch_size=2, dtype=dtype)
+@pytest.mark.parametrize("dtype, tolerance, packs", [("float32", 1e-4, None), ("bfloat16", 0.02, None), ("bfloat16", 0.02, False)])
+def test_optimized_model_matches_plain(tiny_ckpt, monkeypatch, dtype, tolerance, packs):
+    """The default (inference-optimized) layers against Meta's plain ones: prepacked where this CPU can, else
+    direct; `packs=False` forces the direct layers with float32 prefill, as on CPUs without AVX512-BF16."""
+    if packs is False:
+        monkeypatch.setattr(model, "can_pack", lambda dtype, device: False)
+        monkeypatch.setattr(model, "needs_upcast", lambda dtype, device: True)
+    optimized = Llama.build(tiny_ckpt, max_seq_len=48, max_batch_size=2, dtype=dtype)
     plain = Llama.build(tiny_ckpt, max_seq_len=48, max_batch_size=2, dtype=dtype, prepack=False)
-    packed_layer, plain_layer = packed.model.layers[0], plain.model.layers[0]
-    assert isinstance(packed_layer.feed_forward.w13, PackedLinear) and isinstance(packed_layer.attention.wqkv, PackedLinear)
-    assert isinstance(packed.model.output, PackedLinear)
-    assert not isinstance(plain_layer.feed_forward.w1, PackedLinear) and plain_layer.attention.wqkv is None
-    tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(3))
+    expected_class = PackedLinear if model.can_pack(getattr(torch, dtype), torch.device("cpu")) else DirectLinear
+    optimized_layer, plain_layer = optimized.model.layers[0], plain.model.layers[0]
+    for layer in (optimized_layer.feed_forward.w13, optimized_layer.attention.wqkv, optimized.model.output):
+        assert isinstance(layer, expected_class)
+    assert not isinstance(plain_layer.feed_forward.w1, (PackedLinear, DirectLinear)) and plain_layer.attention.wqkv is None
+    tokens = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(3))  # 80 rows: a prefill
     close = dict(atol=tolerance, rtol=tolerance)
-    torch.testing.assert_close(packed.model.forward(tokens, 0), plain.model.forward(tokens, 0), **close)
+    torch.testing.assert_close(optimized.model.forward(tokens, 0), plain.model.forward(tokens, 0), **close)
     step = tokens[:, :1]
-    torch.testing.assert_close(packed.model.forward(step, 12), plain.model.forward(step, 12), **close)
+    torch.testing.assert_close(optimized.model.forward(step, 40), plain.model.forward(step, 40), **close)
     if dtype == "float32":  # the optimized path decodes exactly as the plain one
-        prompts = tokens.tolist()
-        assert packed.generate(prompts, 30, temperature=0)[0] == plain.generate(prompts, 30, temperature=0)[0]
+        prompts = tokens[:, :12].tolist()
+        assert optimized.generate(prompts, 30, temperature=0)[0] == plain.generate(prompts, 30, temperature=0)[0]
 
 
 def test_written_int8_checkpoint_is_the_quantized_model(tmp_path, tiny_ckpt):
