@@ -158,8 +158,8 @@ class _LlamaCpp:
         from llama_cpp import Llama as LlamaCpp
 
         self.model = LlamaCpp(
-            model_path=spec["gguf_paths"][spec["system"]], n_ctx=spec["max_seq_len"], n_batch=spec["max_seq_len"], n_threads=spec["threads"],
-            verbose=False,
+            model_path=spec["gguf_paths"][spec["system"]], n_ctx=spec["max_seq_len"], n_batch=spec["max_seq_len"],
+            n_threads=spec["threads"], verbose=False,
         )
 
     def generate(self, prompts: List[List[int]], new_tokens: int) -> None:
@@ -254,9 +254,11 @@ def markdown_table(report: dict) -> str:
     ]
     for key, (label, unit, _) in METRICS.items():
         stats = [report["systems"][s]["summary"][key] for s in systems]
-        cells = [f"{st['median']:.3g} ({st['min']:.3g}–{st['max']:.3g})" if st["median"] else "–" for st in stats]
+        cells = [
+            "–" if st["median"] is None else f"{st['median']:.3g} ({st['min']:.3g}–{st['max']:.3g})" for st in stats
+        ]
         ratios = [report["ratios"][s][key] for s in systems if baseline and s != baseline]
-        cells += [f"{ratio:.2f}x" if ratio else "–" for ratio in ratios]
+        cells += ["–" if ratio is None else f"{ratio:.2f}x" for ratio in ratios]
         lines.append(f"| {label} ({unit}) | " + " | ".join(cells) + " |")
     growth = [report["systems"][s]["summary"]["rss_growth_mb"]["median"] / config["checkpoint_mb"] for s in systems]
     lines.append(
@@ -319,7 +321,9 @@ def bench(
     for system in systems:
         parse_system(system)
     if any(s.startswith("llama.cpp") for s in systems) and importlib.util.find_spec("llama_cpp") is None:
-        raise ValueError("the llama.cpp system needs llama-cpp-python: pip install llama-cpp-python (it compiles llama.cpp)")
+        raise ValueError(
+            "the llama.cpp system needs llama-cpp-python: pip install llama-cpp-python (it compiles llama.cpp)"
+        )
     dtype_name = str(pick_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")  # a clear error if unknown
     gguf_types = {  # the GGUF file type each llama.cpp system runs
         s: parse_system(s)[1] or GGUF_FILE_TYPES.get(dtype_name) for s in systems if s.startswith("llama.cpp")

@@ -7,6 +7,7 @@ GGUF keeps query/key rows in Meta's interleaved RoPE layout, so weights go as th
 GPT-2 style byte-level tokens and merges. Norm weights and Llama 3.1's RoPE factors are always F32.
 """
 
+import dataclasses
 from pathlib import Path
 from typing import Dict, Union
 
@@ -17,7 +18,7 @@ from tiktoken.load import load_tiktoken_bpe
 from tqdm import tqdm
 
 from .bpe import PRETOKENIZER_PATTERNS, byte_level_text, merges_for_ranks
-from .checkpoint import CheckpointError, read_params, write_atomically
+from .checkpoint import CheckpointError, write_atomically
 from .gguf_import import ARCHITECTURE, CONTROL_TOKEN, GLOBAL_TENSORS, LAYER_TENSORS, ROPE_FREQS_TENSOR
 from .hf import CONTEXT_LENGTH, chat_template, export_source
 from .model import ModelArgs, rope_frequencies
@@ -110,9 +111,8 @@ def export_gguf(ckpt_dir: Union[str, Path], out_path: Union[str, Path], file_typ
         _add_tokenizer(writer, ckpt_dir / "tokenizer.model", tokenizer)
         extra: Dict[str, torch.Tensor] = {}
         if args.use_scaled_rope:  # llama.cpp divides each frequency by its factor
-            scaled = rope_frequencies(args)
-            unscaled = rope_frequencies(ModelArgs(**{**read_params(ckpt_dir), "use_scaled_rope": False}))
-            extra[ROPE_FREQS_TENSOR] = unscaled / scaled
+            unscaled = rope_frequencies(dataclasses.replace(args, use_scaled_rope=False))
+            extra[ROPE_FREQS_TENSOR] = unscaled / rope_frequencies(args)
         for name, tensor in extra.items():
             writer.add_tensor_info(name, tensor.shape, np.dtype(np.float32), tensor.numel() * 4)
         for key, (shape, _) in checkpoint.layout.items():

@@ -342,10 +342,6 @@ class DirectLinear:
 DIRECT_CLASSES = parallel_variants(DirectLinear)
 
 
-def _direct(module: nn.Module, weight: torch.Tensor) -> None:
-    module.weight = nn.Parameter(weight, requires_grad=False)
-    module.__class__ = DIRECT_CLASSES[type(module)]
-
 
 class PackedLinear:
     """Mixin for a fairscale linear layer whose weight is prepacked for oneDNN (float32 or bfloat16 on the CPU):
@@ -454,7 +450,7 @@ class Transformer(nn.Module):
             return
         self.fuse_projections(release)
         for module in self._fairscale_linear_layers():
-            _direct(module, module.weight.detach())  # the weights stay in use: nothing to release
+            module.__class__ = DIRECT_CLASSES[type(module)]  # same weight, still in use: nothing to release
 
     def compile_decoding(self) -> None:
         """Run decode steps (one new token per sequence) through torch.compile: inductor fuses the small
@@ -518,9 +514,9 @@ class Transformer(nn.Module):
         if start_pos + seqlen > self.params.max_seq_len:
             raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len {self.params.max_seq_len}")
         if seqlen == 1 and self.compiled_step is not None:
+            tokens = tokens.clone(memory_format=torch.contiguous_format)  # strides of a slice would recompile
             if bsz > 1:  # one compiled graph for every batch size above 1
                 torch._dynamo.maybe_mark_dynamic(tokens, 0)
-            tokens = tokens.clone(memory_format=torch.contiguous_format)  # strides of a slice would recompile
             return self.compiled_step(tokens, torch.tensor([start_pos], device=tokens.device))
         cos = self.rope_cos[start_pos : start_pos + seqlen]
         sin = self.rope_sin[start_pos : start_pos + seqlen]
