@@ -52,10 +52,10 @@ class Llama:
         shards) and in a plain Python process. `tokenizer_path` defaults to `ckpt_dir/tokenizer.model`.
         `quantize="int8"` or `"int4"` quantizes the linear layers' weights (see llama.quantize); a checkpoint written
         quantized by `python -m llama.quantize write` loads quantized by itself. Unquantized models are made
-        for inference (see Transformer.optimize_for_inference): projections fused and, on the CPU, float32 and
-        bfloat16 weights prepacked for oneDNN where it can (see PackedLinear), which is much faster but rounds
-        differently; `prepack=False` keeps Meta's plain layers. `compile=True` compiles the decode step with
-        torch.compile (see Transformer.compile_decoding): faster steps after a long first one, single process only.
+        for inference (see Transformer.optimize_for_inference): projections fused and, on the CPU, weights
+        prepacked for a faster kernel where there is one (see PackedLinear), which rounds differently;
+        `prepack=False` keeps Meta's plain layers. `compile=True` compiles the decode step with torch.compile
+        (see Transformer.compile_decoding): faster steps after a long first one, single process only.
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError("max_seq_len and max_batch_size must be positive integers")
@@ -93,7 +93,7 @@ class Llama:
         elif quantize:
             quantize_model(model, quantize, release=release_pages)  # the loaded weights are the model's own
         elif prepack:
-            model.optimize_for_inference(release=release_pages)
+            model.optimize_for_inference(release=release_pages, traceable=compile)
         model.setup_caches(dtype, device)
         if compile:
             model.compile_decoding()

@@ -5,6 +5,7 @@ import torch
 
 from llama import Llama
 from llama.generation import in_prompt_order
+from llama.model import HalfPackedLinear, OneDNNLinear
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "1, 2, 3,"]
 
@@ -143,9 +144,12 @@ def test_bad_build_arguments(tiny_ckpt):
 
 def test_bfloat16_runs(tiny_ckpt):
     g = Llama.build(tiny_ckpt, max_seq_len=32, max_batch_size=1, dtype="bfloat16")
-    output = g.model.output  # prepacked where the CPU has AVX512-BF16, else plain weights
+    output = g.model.output  # prepacked for oneDNN with AVX512-BF16, as float16 for fbgemm with AVX2, else plain
     assert g.model.tok_embeddings.weight.dtype == torch.bfloat16
-    assert (output.blocks[0] if hasattr(output, "blocks") else output.weight).dtype == torch.bfloat16
+    if isinstance(output, OneDNNLinear):
+        assert output.blocks[0].dtype == torch.bfloat16
+    elif not isinstance(output, HalfPackedLinear):
+        assert output.weight.dtype == torch.bfloat16
     assert len(g.generate([[128000, 791]], 4, temperature=0)[0][0]) <= 4
 
 

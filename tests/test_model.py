@@ -125,3 +125,26 @@ def test_blockwise_linear_is_f_linear_in_its_dtype(monkeypatch):
     out = model.blockwise_linear(x, weight, torch.float32)
     assert out.dtype == torch.float32 and out.shape == (40, 101)
     torch.testing.assert_close(out, torch.nn.functional.linear(x.float(), weight.float()), atol=1e-5, rtol=1e-5)
+
+
+def test_half_packed_kernel_computes_bfloat16_weights_in_float32(monkeypatch, tiny_ckpt):
+    """fbgemm's float16 kernel (for CPUs without native bfloat16) multiplies bfloat16 weights exactly; weights
+    beyond float16's range stay direct; compiled models and models for one sequence keep torch's kernel."""
+    monkeypatch.setattr(model, "needs_upcast", lambda dtype, device: True)
+    assert model.packing_for(torch.bfloat16, torch.device("cpu")) is model.HalfPackedLinear
+    weight = (torch.randn(300, 64) * torch.logspace(-4, 1, 64)).bfloat16()  # magnitudes 1e-4 .. 10
+    x = torch.randn(3, 5, 64).bfloat16()
+    out = model.HalfPackedLinear.block_product(x, model.HalfPackedLinear.pack_block(weight))
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 5, 300)
+    reference = torch.nn.functional.linear(x.float(), weight.float())
+    torch.testing.assert_close(out.float(), reference.bfloat16().float(), atol=1e-5, rtol=0.008)
+    assert not model.HalfPackedLinear.fits(torch.tensor([[1e5, 0.0]]).bfloat16())
+
+    cases = [(2, False, model.HalfPackedLinear), (2, True, model.DirectLinear), (1, False, model.DirectLinear)]
+    for batch, traceable, kind in cases:
+        built = Llama.build(tiny_ckpt, max_seq_len=16, max_batch_size=batch, dtype="bfloat16", prepack=False)
+        transformer = built.model
+        transformer.layers[0].feed_forward.w2.weight.data[0, 0] = 1e5
+        transformer.optimize_for_inference(traceable=traceable)
+        assert isinstance(transformer.layers[0].attention.wqkv, kind)
+        assert isinstance(transformer.layers[0].feed_forward.w2, model.DirectLinear)

@@ -9,7 +9,7 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 
 from llama import Llama
 from llama import model
-from llama.model import DirectLinear, PackedLinear
+from llama.model import DirectLinear, HalfPackedLinear, PackedLinear
 from llama.checkpoint import CheckpointError
 from llama.hf import export_hf
 from llama.quantize import int8_linear, perplexity, quantize_weight, quantize_weight_int4, write_quantized
@@ -73,16 +73,23 @@ def test_int8_model_is_close_to_float(tiny_ckpt, tokenizer):
 
 
 
-@pytest.mark.parametrize("dtype, tolerance, packs", [("float32", 1e-4, None), ("bfloat16", 0.02, None), ("bfloat16", 0.02, False)])
-def test_optimized_model_matches_plain(tiny_ckpt, monkeypatch, dtype, tolerance, packs):
+@pytest.mark.parametrize(
+    "dtype, tolerance, kernel",
+    [("float32", 1e-4, None), ("bfloat16", 0.02, None), ("bfloat16", 0.02, "direct"), ("bfloat16", 0.02, "half")],
+)
+def test_optimized_model_matches_plain(tiny_ckpt, monkeypatch, dtype, tolerance, kernel):
     """The default (inference-optimized) layers against Meta's plain ones: prepacked where this CPU can, else
-    direct; `packs=False` forces the direct layers with float32 prefill, as on CPUs without AVX512-BF16."""
-    if packs is False:
-        monkeypatch.setattr(model, "can_pack", lambda dtype, device: False)
+    direct. As on CPUs without AVX512-BF16, "direct" forces the direct layers with float32 prefill, "half"
+    fbgemm's float16 kernel."""
+    if kernel is not None:
         monkeypatch.setattr(model, "needs_upcast", lambda dtype, device: True)
+    if kernel == "direct":
+        monkeypatch.setattr(model, "packing_for", lambda dtype, device: None)
     optimized = Llama.build(tiny_ckpt, max_seq_len=48, max_batch_size=2, dtype=dtype)
     plain = Llama.build(tiny_ckpt, max_seq_len=48, max_batch_size=2, dtype=dtype, prepack=False)
-    expected_class = PackedLinear if model.can_pack(getattr(torch, dtype), torch.device("cpu")) else DirectLinear
+    expected_class = model.packing_for(getattr(torch, dtype), torch.device("cpu")) or DirectLinear
+    if kernel == "half":
+        assert expected_class is HalfPackedLinear
     optimized_layer, plain_layer = optimized.model.layers[0], plain.model.layers[0]
     for layer in (optimized_layer.feed_forward.w13, optimized_layer.attention.wqkv, optimized.model.output):
         assert isinstance(layer, expected_class)
