@@ -343,7 +343,6 @@ class DirectLinear:
 DIRECT_CLASSES = parallel_variants(DirectLinear)
 
 
-
 class PackedLinear:
     """Mixin for a fairscale linear layer whose weight is prepacked for a CPU kernel, in row blocks (`blocks`):
     the same products as F.linear, several times as fast where torch's plain kernels are slow. The blocks are
@@ -498,9 +497,8 @@ class Transformer(nn.Module):
         """Fuse the projections (see fuse_projections) and give every linear layer the fastest unquantized kernel:
         prepacked where `packing_for` has one that pays off at this max_batch_size (see PackedLinear), else
         F.linear without fairscale's wrappers on a single rank (see DirectLinear); with `traceable`, only kernels
-        that torch.compile can trace.
-        `release(weight)`, if given, is called on each weight once packed: the weights are then this model's
-        alone, and the call may free their memory."""
+        that torch.compile can trace. `release(weight)`, if given, is called on each weight once packed: the
+        weights are then this model's alone, and the call may free their memory."""
         self.fuse_projections(release)
         weight = self.tok_embeddings.weight
         kernel = packing_for(weight.dtype, weight.device)
