@@ -204,9 +204,10 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        """Attention of `x` (bs, seqlen, dim) at positions start_pos... over the cache. A tensor `start_pos` (1,)
-        is a compiled decode step (seqlen 1): attention then spans the whole cache, and `mask` hides unwritten
-        positions, so that shapes never change."""
+        """Attention of `x` (bs, seqlen, dim) at positions start_pos... over the cache. `mask` (seqlen, positions)
+        says which positions each new token sees; None is every position for one token, and causal attention
+        from position 0 for several. A tensor `start_pos` (1,) is a compiled decode step (seqlen 1): attention
+        then spans the whole cache, and `mask` hides unwritten positions, so that shapes never change."""
         bsz, seqlen, _ = x.shape
         if self.wqkv is None:
             xqk = torch.cat([self.wq(x), self.wk(x)], dim=-1)
@@ -230,16 +231,17 @@ class Attention(nn.Module):
             keys = self.cache_k[:bsz, :, :end_pos]  # (bs, n_local_kv_heads, cache_len + seqlen, head_dim)
             values = self.cache_v[:bsz, :, :end_pos]
 
-        # Grouped-query attention as plain attention per key/value head: the query heads sharing a key/value
-        # head become extra query rows, so keys and values are never repeated (and CPU kernels stay fast).
-        groups = self.n_local_heads // self.n_local_kv_heads
-        xq = xq.view(bsz, seqlen, self.n_local_kv_heads, groups, self.head_dim)
-        xq = xq.permute(0, 2, 3, 1, 4).reshape(bsz, self.n_local_kv_heads, groups * seqlen, self.head_dim)
-        if mask is not None:
-            mask = mask.repeat(groups, 1)  # (groups * seqlen, cache_len + seqlen)
-        output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask)
-        output = output.view(bsz, self.n_local_kv_heads, groups, seqlen, self.head_dim)
-        output = output.permute(0, 3, 1, 2, 4).reshape(bsz, seqlen, -1)  # (bs, seqlen, n_local_heads * head_dim)
+        if seqlen == 1:
+            # Decoding: the query heads sharing a key/value head become the query rows of one attention per
+            # key/value head, so keys and values are never repeated (and CPU kernels stay fast for one token).
+            xq = xq.view(bsz, self.n_local_kv_heads, -1, self.head_dim)  # (bs, n_local_kv_heads, groups, head_dim)
+            output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask)
+        else:  # the kernel pairs each query head with its key/value head itself, without repeating them
+            xq = xq.transpose(1, 2)  # (bs, n_local_heads, seqlen, head_dim)
+            output = F.scaled_dot_product_attention(
+                xq, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            ).transpose(1, 2)  # (bs, seqlen, n_local_heads, head_dim)
+        output = output.reshape(bsz, seqlen, -1)  # (bs, seqlen, n_local_heads * head_dim)
         return self.wo(output)
 
 
@@ -584,8 +586,8 @@ class Transformer(nn.Module):
             return self.compiled_step(tokens, torch.tensor([start_pos], device=tokens.device))
         cos = self.rope_cos[start_pos : start_pos + seqlen]
         sin = self.rope_sin[start_pos : start_pos + seqlen]
-        mask = None
-        if seqlen > 1:
+        mask = None  # one token sees every position; a prompt from position 0 is causal without a mask
+        if seqlen > 1 and start_pos > 0:
             # Causal over the new tokens; every cached position is visible.
             mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
             mask = mask.tril(diagonal=start_pos)

@@ -65,8 +65,9 @@ def test_logits_match_transformers(tmp_path, overrides):
     with torch.no_grad():
         expected = reference(tokens).logits
     torch.testing.assert_close(ours.model.forward(tokens, 0), expected, atol=1e-4, rtol=0)
-    # The same positions decoded through the KV cache: a 30-token prefill, then one token at a time.
-    incremental = [ours.model.forward(tokens[:, :30], 0)]
+    # The same positions through the KV cache: a 24-token prefill (causal), 6 more tokens over the cache (masked),
+    # then one token at a time.
+    incremental = [ours.model.forward(tokens[:, :24], 0), ours.model.forward(tokens[:, 24:30], 24)]
     incremental += [ours.model.forward(tokens[:, pos : pos + 1], pos) for pos in range(30, 40)]
     torch.testing.assert_close(torch.cat(incremental, dim=1), expected, atol=1e-4, rtol=0)
 
