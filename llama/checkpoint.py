@@ -6,14 +6,11 @@ a Meta checkpoint never has more shards than key/value heads; ranks beyond that 
 """
 
 import contextlib
-import ctypes
 import hashlib
 import json
-import mmap
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -21,6 +18,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from .model import ModelArgs
+from .pages import release_pages
 
 # Keys some Meta checkpoints carry that the model recomputes instead of loading.
 IGNORED_KEYS = {"rope.freqs"}
@@ -30,7 +28,6 @@ QUANTIZED_METHODS = ("int8",)
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
 
 COPY_BLOCK_BYTES = 32 << 20
-_libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 Layout = Dict[str, Tuple[Tuple[int, ...], Optional[int]]]
 
@@ -140,20 +137,6 @@ def rank_range(key: str, size: int, args: ModelArgs, rank: int, world_size: int)
         )
     part = size // world_size
     return rank * part, (rank + 1) * part
-
-
-def release_pages(tensor: torch.Tensor) -> None:
-    """Let the kernel drop the resident pages that lie wholly inside `tensor`'s span (Linux only): memory-mapped
-    shard pages read back from the file if touched again (shards are mapped privately and never written), while
-    other memory reads back as zeros, so use it only on tensors nothing needs any more.
-    """
-    if not sys.platform.startswith("linux") or tensor.numel() == 0:
-        return
-    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-    begin = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
-    end = (tensor.data_ptr() + (last + 1) * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
-    if end > begin:
-        _libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), mmap.MADV_DONTNEED)
 
 
 def _copy_releasing(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -8,8 +8,9 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, TypedDic
 
 import torch
 
-from .checkpoint import CheckpointError, ShardedCheckpoint, read_params, release_pages
+from .checkpoint import CheckpointError, ShardedCheckpoint, read_params
 from .model import ModelArgs, Transformer, skip_weight_init
+from .pages import release_pages
 from .parallel import init_model_parallel, pick_device, pick_dtype
 from .sequence import GeneratedSequence
 from .chat_format import Dialog, Message, chat_format_for, check_dialog, check_turn_order

@@ -20,6 +20,8 @@ from fairscale.nn.model_parallel.mappings import (
 )
 from torch import nn
 
+from .pages import keep_pages_small
+
 # Llama 3.1 RoPE scaling constants.
 ROPE_SCALE_FACTOR = 8.0
 ROPE_LOW_FREQ_FACTOR = 1.0
@@ -190,11 +192,13 @@ class Attention(nn.Module):
         self.cache_v: Optional[torch.Tensor] = None
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device):
-        """Allocate the caches uninitialized: only positions already written are ever read, and untouched
-        pages of a large allocation take no memory."""
+        """Allocate the caches uninitialized, in small pages: only positions already written are ever read, and
+        untouched pages of a large allocation take no memory."""
         shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
         self.cache_k = torch.empty(shape, dtype=dtype, device=device)
         self.cache_v = torch.empty(shape, dtype=dtype, device=device)
+        keep_pages_small(self.cache_k)
+        keep_pages_small(self.cache_v)
 
     def forward(
         self,
