@@ -4,6 +4,7 @@ import sys
 
 import torch
 
+from llama import Llama
 from llama.pages import keep_pages_small, release_pages
 
 
@@ -45,8 +46,6 @@ def test_release_pages_drops_the_contents():
 
 
 def test_kv_caches_stay_in_small_pages(tiny_ckpt):
-    from llama import Llama
-
     # 2 key/value heads of 8 dims: 4 x 2 x 16384 x 8 float32 = 4 MB per cache
     model = Llama.build(tiny_ckpt, max_seq_len=16384, max_batch_size=4, dtype="float32", device="cpu").model
     cache = model.layers[0].attention.cache_k
