@@ -17,6 +17,9 @@ from .chat_format import Dialog, Message, chat_format_for, check_dialog, check_t
 from .tokenizer import Tokenizer
 from .tool_calls import Tool
 
+# How many of the most likely tokens top-p sampling sorts first, then next, before sorting all (see sample_top_p).
+NUCLEUS_GUESSES = (64, 1024)
+
 
 class CompletionPrediction(TypedDict, total=False):
     generation: str
@@ -381,13 +384,21 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tens
 
 
 def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Sample from the smallest set of most likely tokens whose probabilities add up to at least p."""
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs[mass_before > p] = 0.0
-    sorted_probs.div_(sorted_probs.sum(dim=-1, keepdim=True))
-    choice = torch.multinomial(sorted_probs, num_samples=1)
-    return torch.gather(order, -1, choice)
+    """Sample from the smallest set of most likely tokens whose probabilities add up to at least p (the nucleus:
+    each token whose more likely tokens hold at most p), renormalized.
+
+    Only the most likely tokens are sorted, the first of NUCLEUS_GUESSES that holds every row's nucleus, else
+    all: sorting and sampling all of a 49k vocabulary took longer than a decode step of the demo model."""
+    vocab = probs.shape[-1]
+    for count in (*(min(guess, vocab) for guess in NUCLEUS_GUESSES), vocab):
+        top_probs, top_tokens = torch.topk(probs, count, dim=-1)  # (bs, count), most likely first
+        if count == vocab or bool((top_probs.sum(dim=-1) > p).all()):  # the next token is in no nucleus
+            break
+    mass_before = torch.cumsum(top_probs, dim=-1) - top_probs
+    top_probs[mass_before > p] = 0.0
+    top_probs.div_(top_probs.sum(dim=-1, keepdim=True))
+    choice = torch.multinomial(top_probs, num_samples=1)
+    return torch.gather(top_tokens, -1, choice)
 
 
 def in_prompt_order(stream: Iterable[Tuple[int, str]], count: int) -> Iterator[Tuple[int, str]]:

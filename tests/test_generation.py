@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.generation import in_prompt_order
+from llama.generation import NUCLEUS_GUESSES, in_prompt_order, sample
 from llama.model import HalfPackedLinear, OneDNNLinear
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "1, 2, 3,"]
@@ -93,6 +93,29 @@ def test_sampling_is_seeded(tiny_ckpt):
         g = Llama.build(tiny_ckpt, max_seq_len=48, max_batch_size=4, dtype="float32", seed=7)
         runs.append(g.text_completion(PROMPTS, temperature=1.0, top_p=0.95, max_gen_len=8))
     assert runs[0] == runs[1]
+
+
+# nuclei within the first guess of sample_top_p, within the second, and beyond
+@pytest.mark.parametrize("spread,guess", [(8.0, 0), (1.0, 1), (0.05, 2)])
+def test_top_p_sampling_draws_from_transformers_nucleus(spread, guess):
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    temperature, top_p, draws = 0.7, 0.9, 10000
+    logits = torch.randn(1, 1500, generator=torch.Generator().manual_seed(0)) * spread
+    warped = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits))
+    expected = torch.softmax(warped, dim=-1)[0]
+    nucleus = int((expected > 0).sum())
+    assert (0, *NUCLEUS_GUESSES)[guess] < nucleus <= (*NUCLEUS_GUESSES, logits.shape[1])[guess]
+
+    torch.manual_seed(0)
+    tokens = sample(logits.expand(draws, -1), temperature, top_p)
+    counts = torch.bincount(tokens, minlength=logits.shape[1]).double()
+    assert counts[expected == 0].sum() == 0, "a token outside the nucleus was drawn"
+    # the 20 most likely tokens one by one, then the rest of the nucleus together
+    top = expected.argsort(descending=True)[:20]
+    observed = torch.cat([counts[top], (draws - counts[top].sum())[None]]) / draws
+    wanted = torch.cat([expected[top], (1 - expected[top].sum())[None]]).double()
+    assert torch.allclose(observed, wanted, atol=5 * (0.25 / draws) ** 0.5)
 
 
 @pytest.mark.parametrize(
