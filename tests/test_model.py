@@ -54,7 +54,11 @@ def test_rope_frequencies_match_transformers(scaled):
     [{}, {"use_scaled_rope": False, "n_kv_heads": 8}, {"n_kv_heads": 1, "rope_theta": 10000.0}],
     ids=["gqa-scaled", "mha", "mqa"],
 )
-def test_logits_match_transformers(tmp_path, overrides):
+@pytest.mark.parametrize("blocked", [False, True], ids=["flash", "blocked"])
+def test_logits_match_transformers(tmp_path, monkeypatch, overrides, blocked):
+    # prompts through the flash kernel, or through blocked_causal_attention in blocks of 16 queries
+    monkeypatch.setattr(model, "attends_in_blocks", lambda dtype, device: blocked)
+    monkeypatch.setattr(model, "ATTENTION_BLOCK_ROWS", 16)
     params = {**TINY_PARAMS, **overrides}
     state = random_state_dict(params, seed=1)
     ckpt = write_checkpoint(tmp_path, params, state, dtype=torch.float32)
@@ -118,6 +122,21 @@ def test_compiled_decoding_matches_transformers(tiny_ckpt, tiny_state, tokenizer
     eager = Llama.build(tiny_ckpt, max_seq_len=64, max_batch_size=2, dtype="float32")
     prompt = tokenizer.encode(PROMPTS[0], bos=True, eos=False)
     assert compiled.generate([prompt], 16, temperature=0) == eager.generate([prompt], 16, temperature=0)
+
+
+@pytest.mark.parametrize("start_pos", [0, 24])
+def test_blocked_causal_attention_in_bfloat16_is_within_rounding_of_sdpa(monkeypatch, start_pos):
+    monkeypatch.setattr(model, "ATTENTION_BLOCK_ROWS", 16)
+    gen = torch.Generator().manual_seed(0)
+    xq = torch.randn(2, 37, 6, 32, generator=gen)  # (bs, seqlen, n_heads, head_dim)
+    keys, values = torch.randn(2, 2, 2, start_pos + 37, 32, generator=gen)  # (bs, n_kv_heads, positions, head_dim)
+    visible = torch.ones(37, start_pos + 37, dtype=torch.bool).tril(start_pos)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        xq.transpose(1, 2), keys, values, attn_mask=visible, enable_gqa=True
+    ).transpose(1, 2)
+    out = model.blocked_causal_attention(xq.bfloat16(), keys.bfloat16(), values.bfloat16(), start_pos)
+    assert out.dtype == torch.bfloat16 and out.shape == expected.shape
+    torch.testing.assert_close(out.float(), expected, atol=0.03, rtol=0.02)
 
 
 def test_blockwise_linear_is_f_linear_in_its_dtype(monkeypatch):
