@@ -320,7 +320,7 @@ class Llama:
         max_seq_len = self.model.params.max_seq_len
         prompt_lens = [len(s.prompt) for s in sequences]
         total_len = min(max_seq_len, max(s.max_gen_len + n for s, n in zip(sequences, prompt_lens)))
-        device = self.model.rope_cos.device
+        device = self.model.rope.device
 
         tokens = torch.full((len(sequences), total_len), self.tokenizer.pad_id, dtype=torch.long, device=device)
         for i, prompt in enumerate(prompt_lens):

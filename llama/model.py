@@ -5,7 +5,7 @@ import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
@@ -145,20 +145,27 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
 
 
-def rope_tables(args: ModelArgs, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cosine and signed sine tables for `apply_rope`, each (length, head_dim), float32: position p's angle for
-    pair i is at columns 2i and 2i+1, the sine negated at 2i."""
+def rope_rotations(args: ModelArgs, length: int) -> torch.Tensor:
+    """The rotation of each pair of a head's dimensions at each position, as the real and imaginary parts of unit
+    complex numbers (length, head_dim // 2, 2), float32: e^(i p f) at position p for pair frequency f (the parts
+    of Meta's freqs_cis)."""
     angles = torch.outer(torch.arange(length, dtype=torch.float32), rope_frequencies(args))  # (length, head_dim // 2)
-    cos, sin = angles.cos(), angles.sin()
-    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+    return torch.view_as_real(torch.polar(torch.ones_like(angles), angles))
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (bs, seqlen, heads, head_dim) by the angles of the tables
-    (seqlen, head_dim) from `rope_tables`: (x[2i] cos - x[2i+1] sin, x[2i+1] cos + x[2i] sin), in float32."""
-    x32 = x.float()
-    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x[2i+1], x[2i]) pairs
-    return torch.addcmul(x32 * cos[:, None], swapped, sin[:, None]).type_as(x)
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x[2i], x[2i+1]) of x (bs, seqlen, heads, head_dim), taken as complex numbers, by
+    `rotations` (seqlen, head_dim // 2, 2) from `rope_rotations`, in float32. Eagerly one complex product: on a
+    CPU, 4x as fast for a prompt as the same rotation in real parts, which needs the pairs swapped or split;
+    compiled in real parts, which inductor fuses (it generates no code for complex numbers)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (bs, seqlen, heads, head_dim // 2, 2)
+    rotations = rotations[:, None]  # (seqlen, 1, head_dim // 2, 2)
+    if torch.compiler.is_compiling():
+        (real, imag), (cos, sin) = pairs.unbind(-1), rotations.unbind(-1)
+        rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rotations))
+    return rotated.flatten(-2).type_as(x)
 
 
 # Queries per block of blocked_causal_attention, fewer where their float32 scores would take more bytes than this.
@@ -248,8 +255,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         start_pos: Union[int, torch.Tensor],
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rotations: torch.Tensor,
         mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
         """Attention of `x` (bs, seqlen, dim) at positions start_pos... over the cache. `mask` (seqlen, positions)
@@ -264,7 +270,7 @@ class Attention(nn.Module):
             kv_width = self.n_local_kv_heads * self.head_dim
             xqk, xv = self.wqkv(x).split([self.n_local_heads * self.head_dim + kv_width, kv_width], dim=-1)
         heads = [self.n_local_heads, self.n_local_kv_heads]
-        xqk = apply_rope(xqk.view(bsz, seqlen, sum(heads), self.head_dim), cos, sin)
+        xqk = apply_rope(xqk.view(bsz, seqlen, sum(heads), self.head_dim), rotations)
         xq, xk = xqk.split(heads, dim=2)  # (bs, seqlen, n_local_heads | n_local_kv_heads, head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
 
@@ -322,8 +328,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, start_pos, cos, sin, mask):
-        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask)
+    def forward(self, x, start_pos, rotations, mask):
+        h = x + self.attention(self.attention_norm(x), start_pos, rotations, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -537,13 +543,12 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=lambda x: x)
-        self.rope_cos: Optional[torch.Tensor] = None
-        self.rope_sin: Optional[torch.Tensor] = None
+        self.rope: Optional[torch.Tensor] = None  # rope_rotations of every position
         self.compiled_step: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
     def setup_caches(self, dtype: torch.dtype, device: torch.device) -> None:
         """Allocate the KV caches (max_batch_size x max_seq_len) and the RoPE tables on `device`."""
-        self.rope_cos, self.rope_sin = (t.to(device) for t in rope_tables(self.params, self.params.max_seq_len))
+        self.rope = rope_rotations(self.params, self.params.max_seq_len).to(device)
         for layer in self.layers:
             layer.attention.setup_cache(self.params.max_batch_size, self.params.max_seq_len, dtype, device)
 
@@ -638,27 +643,26 @@ class Transformer(nn.Module):
             if bsz > 1:  # one compiled graph for every batch size above 1
                 torch._dynamo.maybe_mark_dynamic(tokens, 0)
             return self.compiled_step(tokens, torch.tensor([start_pos], device=tokens.device))
-        cos = self.rope_cos[start_pos : start_pos + seqlen]
-        sin = self.rope_sin[start_pos : start_pos + seqlen]
+        rotations = self.rope[start_pos : start_pos + seqlen]
         mask = None  # one token sees every position; a prompt from position 0 is causal without a mask
         if seqlen > 1 and start_pos > 0:
             # Causal over the new tokens; every cached position is visible.
             mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
             mask = mask.tril(diagonal=start_pos)
-        return self._logits(tokens, start_pos, cos, sin, mask, last_only)
+        return self._logits(tokens, start_pos, rotations, mask, last_only)
 
     def _decode_step(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Logits (bs, 1, vocab) for `tokens` (bs, 1) at `position` (1,), in shapes that never change (compiled)."""
         mask = (torch.arange(self.params.max_seq_len, device=position.device) <= position)[None]  # (1, max_seq_len)
-        return self._logits(tokens, position, self.rope_cos[position], self.rope_sin[position], mask)
+        return self._logits(tokens, position, self.rope[position], mask)
 
-    def _logits(self, tokens, start_pos, cos, sin, mask, last_only=False) -> torch.Tensor:
+    def _logits(self, tokens, start_pos, rotations, mask, last_only=False) -> torch.Tensor:
         if fs_init.get_model_parallel_world_size() == 1:
             h = F.embedding(tokens, self.tok_embeddings.weight)  # without fairscale's wrappers
         else:
             h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, start_pos, cos, sin, mask)
+            h = layer(h, start_pos, rotations, mask)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
