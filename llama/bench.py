@@ -28,6 +28,7 @@ from .gguf_export import export_gguf
 from .hf import export_hf
 from .model import ModelArgs
 from .parallel import init_model_parallel, pick_dtype
+from .quantize import QUANTIZATIONS
 from .soak import memory_mib
 
 # Metric -> (label, unit, higher is better).
@@ -42,10 +43,10 @@ METRICS = {
     "rss_growth_mb": ("peak RSS above the worker's start", "MB", False),
 }
 RESULT_MARK = "BENCH_RESULT "
-# Systems and their options (`ours+int8`): this repo (weight-quantized, or with a compiled decode step),
+# Systems and their options (`ours+int8`): this repo (weight-quantized, with a compiled decode step, or both),
 # transformers, Meta's llama-models reference, llama.cpp through llama-cpp-python (Q8_0 weights).
 SYSTEM_OPTIONS = {
-    "ours": ("int8", "int4", "compile"),
+    "ours": ("int8", "int4", "compile", "int8+compile", "int4+compile"),
     "transformers": (),
     "llama-models": (),
     "llama.cpp": ("q8_0",),
@@ -74,7 +75,7 @@ def machine() -> dict:
 
 
 def parse_system(name: str) -> Tuple[str, Optional[str]]:
-    """`ours+int8` -> ("ours", "int8"); `transformers` -> ("transformers", None)."""
+    """`ours+int8+compile` -> ("ours", "int8+compile"); `transformers` -> ("transformers", None)."""
     base, _, option = name.partition("+")
     if base not in SYSTEM_OPTIONS or (option and option not in SYSTEM_OPTIONS[base]):
         names = [f"{base}+{option}" for base, options in SYSTEM_OPTIONS.items() for option in ("", *options)]
@@ -92,10 +93,11 @@ class _Ours:
     """This repo's Llama, generating through the public `generate`."""
 
     def __init__(self, spec: dict):
-        option = parse_system(spec["system"])[1]
+        options = set((parse_system(spec["system"])[1] or "").split("+"))
+        quantize = next(iter(options & set(QUANTIZATIONS)), None)
         self.llama = Llama.build(
             spec["ckpt_dir"], max_seq_len=spec["max_seq_len"], max_batch_size=spec["batch"], dtype=spec["dtype"],
-            device="cpu", quantize=None if option == "compile" else option, compile=option == "compile",
+            device="cpu", quantize=quantize, compile="compile" in options,
         )
         self.llama.tokenizer.stop_tokens = set()  # always generate the full length
 

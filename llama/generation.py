@@ -100,7 +100,7 @@ class Llama:
             model.optimize_for_inference(release=release_pages, traceable=compile)
         model.setup_caches(dtype, device)
         if compile:
-            model.compile_decoding()
+            model.compile_decoding(autotune=bool(quantize or checkpoint.quantization))
         print(f"Loaded {ckpt_dir} ({checkpoint.num_shards} shard(s) on {world_size} process(es)) in {time.time() - start:.2f} s")
         return Llama(model, tokenizer)
 

@@ -73,6 +73,22 @@ def test_int8_model_is_close_to_float(tiny_ckpt, tokenizer):
 
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_compiled_quantized_decoding_tracks_eager(tiny_ckpt, method):
+    """Compiled decode steps of a quantized model (inductor's autotuned kernels) give the eager model's logits
+    within bfloat16 rounding."""
+    build = dict(max_seq_len=32, max_batch_size=1, dtype="bfloat16", quantize=method)
+    compiled, eager = Llama.build(tiny_ckpt, compile=True, **build), Llama.build(tiny_ckpt, **build)
+    tokens = torch.randint(0, 256, (1, 14), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for name, generator in (("compiled", compiled), ("eager", eager)):
+        steps = [generator.model.forward(tokens[:, :8], 0)]
+        steps += [generator.model.forward(tokens[:, pos : pos + 1], pos) for pos in range(8, 14)]
+        logits[name] = torch.cat(steps, dim=1)
+    scale = logits["eager"].abs().max()
+    torch.testing.assert_close(logits["compiled"], logits["eager"], atol=0.03 * scale, rtol=0)
+
+
 @pytest.mark.parametrize(
     "dtype, tolerance, kernel",
     [("float32", 1e-4, None), ("bfloat16", 0.02, None), ("bfloat16", 0.02, "direct"), ("bfloat16", 0.02, "half")],
