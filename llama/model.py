@@ -579,11 +579,12 @@ class Transformer(nn.Module):
             list(pool.map(lambda module: _pack(module, kernel, release), packed))
 
     def compile_decoding(self, *, autotune: bool = False) -> None:
-        """Run decode steps (one new token per sequence) through torch.compile: inductor fuses the small
+        """Run decode steps of a single sequence (one new token) through torch.compile: inductor fuses the small
         operations and, with freezing, treats the weights as constants (prepacking those it can). Each step
         attends over the whole cache with unwritten positions masked, so the caches are zeroed (garbage there
-        could be NaN). The first step at batch size 1, and the first above 1, compile (tens of seconds for the
-        demo model on 2 cores; inductor caches what it can on disk). `autotune` has inductor time its own
+        could be NaN). The first such step compiles (tens of seconds for the demo model on 2 cores; inductor
+        caches what it can on disk). Batches stay eager: compiled batch-8 steps of the demo model were no faster
+        (float32) or 8% slower (bfloat16, int8), after about a minute more of compiling. `autotune` has inductor time its own
         matrix kernels against torch's and keep the faster: for int8 and int4 weights, whose torch kernels are
         slow (demo model, AVX512-BF16 CPU: int4 steps 4.3 against 6.0 ms, int8 6.7 against 7.1); it slowed
         prepacked bfloat16 steps (15 against 11 ms) and did not change float32's."""
@@ -645,10 +646,8 @@ class Transformer(nn.Module):
         bsz, seqlen = tokens.shape
         if start_pos + seqlen > self.params.max_seq_len:
             raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len {self.params.max_seq_len}")
-        if seqlen == 1 and self.compiled_step is not None:
+        if seqlen == 1 and bsz == 1 and self.compiled_step is not None:
             tokens = tokens.clone(memory_format=torch.contiguous_format)  # strides of a slice would recompile
-            if bsz > 1:  # one compiled graph for every batch size above 1
-                torch._dynamo.maybe_mark_dynamic(tokens, 0)
             return self.compiled_step(tokens, torch.tensor([start_pos], device=tokens.device))
         rotations = self.rope[start_pos : start_pos + seqlen]
         mask = None  # one token sees every position; a prompt from position 0 is causal without a mask

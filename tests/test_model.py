@@ -107,17 +107,26 @@ def test_logprobs_match_transformers(tiny_ckpt, tiny_state, tokenizer):
         torch.testing.assert_close(torch.tensor(row_logprobs[1:]), expected, atol=1e-4, rtol=0)
 
 
-def test_compiled_decoding_matches_transformers(tiny_ckpt, tiny_state, tokenizer):
-    """Compiled decode steps (attention over the whole zeroed cache, masked) give transformers' logits at batch 2,
-    and the batch-1 graph the eager model's greedy tokens."""
+def test_compiled_decoding_matches_transformers(tiny_ckpt, tiny_state, tokenizer, monkeypatch):
+    """Compiled decode steps of one sequence (attention over the whole zeroed cache, masked) give transformers'
+    logits and the eager model's greedy tokens; batches decode eagerly."""
     compiled = Llama.build(tiny_ckpt, max_seq_len=64, max_batch_size=2, dtype="float32", compile=True)
     reference = hf_model(tiny_state, TINY_PARAMS)
     tokens = torch.randint(0, TINY_PARAMS["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = reference(tokens).logits
-    incremental = [compiled.model.forward(tokens[:, :12], 0)]
-    incremental += [compiled.model.forward(tokens[:, pos : pos + 1], pos) for pos in range(12, 20)]
-    torch.testing.assert_close(torch.cat(incremental, dim=1), expected, atol=1e-4, rtol=0)
+    compiled_calls = []
+    step = compiled.model.compiled_step
+    monkeypatch.setattr(compiled.model, "compiled_step", lambda *args: compiled_calls.append(1) or step(*args))
+    for row in range(2):
+        incremental = [compiled.model.forward(tokens[row : row + 1, :12], 0)]
+        incremental += [compiled.model.forward(tokens[row : row + 1, pos : pos + 1], pos) for pos in range(12, 20)]
+        torch.testing.assert_close(torch.cat(incremental, dim=1), expected[row : row + 1], atol=1e-4, rtol=0)
+    assert len(compiled_calls) == 16
+    compiled.model.forward(tokens[:, :12], 0)
+    batch_step = compiled.model.forward(tokens[:, 12:13], 12)
+    torch.testing.assert_close(batch_step, expected[:, 12:13], atol=1e-4, rtol=0)
+    assert len(compiled_calls) == 16
 
     eager = Llama.build(tiny_ckpt, max_seq_len=64, max_batch_size=2, dtype="float32")
     prompt = tokenizer.encode(PROMPTS[0], bos=True, eos=False)
