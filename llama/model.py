@@ -5,7 +5,7 @@ import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
@@ -255,14 +255,13 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        start_pos: Union[int, torch.Tensor],
+        start_pos: int,
         rotations: torch.Tensor,
         mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
         """Attention of `x` (bs, seqlen, dim) at positions start_pos... over the cache. `mask` (seqlen, positions)
         says which positions each new token sees; None is every position for one token, and causal attention
-        from position 0 for several. A tensor `start_pos` (1,) is a compiled decode step (seqlen 1): attention
-        then spans the whole cache, and `mask` hides unwritten positions, so that shapes never change."""
+        from position 0 for several."""
         bsz, seqlen, _ = x.shape
         if self.wqkv is None:
             xqk = torch.cat([self.wq(x), self.wk(x)], dim=-1)
@@ -275,16 +274,11 @@ class Attention(nn.Module):
         xq, xk = xqk.split(heads, dim=2)  # (bs, seqlen, n_local_heads | n_local_kv_heads, head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
 
-        if isinstance(start_pos, torch.Tensor):  # a compiled decode step: the whole cache, `mask` hides the rest
-            self.cache_k[:bsz].index_copy_(2, start_pos, xk.transpose(1, 2))
-            self.cache_v[:bsz].index_copy_(2, start_pos, xv.transpose(1, 2))
-            keys, values = self.cache_k[:bsz], self.cache_v[:bsz]  # (bs, n_local_kv_heads, max_seq_len, head_dim)
-        else:
-            end_pos = start_pos + seqlen
-            self.cache_k[:bsz, :, start_pos:end_pos] = xk.transpose(1, 2)
-            self.cache_v[:bsz, :, start_pos:end_pos] = xv.transpose(1, 2)
-            keys = self.cache_k[:bsz, :, :end_pos]  # (bs, n_local_kv_heads, cache_len + seqlen, head_dim)
-            values = self.cache_v[:bsz, :, :end_pos]
+        end_pos = start_pos + seqlen
+        self.cache_k[:bsz, :, start_pos:end_pos] = xk.transpose(1, 2)
+        self.cache_v[:bsz, :, start_pos:end_pos] = xv.transpose(1, 2)
+        keys = self.cache_k[:bsz, :, :end_pos]  # (bs, n_local_kv_heads, cache_len + seqlen, head_dim)
+        values = self.cache_v[:bsz, :, :end_pos]
 
         if seqlen == 1:
             # Decoding: the query heads sharing a key/value head become the query rows of one attention per
@@ -580,21 +574,19 @@ class Transformer(nn.Module):
 
     def compile_decoding(self, *, autotune: bool = False) -> None:
         """Run decode steps of a single sequence (one new token) through torch.compile: inductor fuses the small
-        operations and, with freezing, treats the weights as constants (prepacking those it can). Each step
-        attends over the whole cache with unwritten positions masked, so the caches are zeroed (garbage there
-        could be NaN). The first such step compiles (tens of seconds for the demo model on 2 cores; inductor
-        caches what it can on disk). Batches stay eager: compiled batch-8 steps of the demo model were no faster
-        (float32) or 8% slower (bfloat16, int8), after about a minute more of compiling. `autotune` has inductor time its own
-        matrix kernels against torch's and keep the faster: for int8 and int4 weights, whose torch kernels are
-        slow (demo model, AVX512-BF16 CPU: int4 steps 4.3 against 6.0 ms, int8 6.7 against 7.1); it slowed
-        prepacked bfloat16 steps (15 against 11 ms) and did not change float32's."""
+        operations and, with freezing, treats the weights as constants (prepacking those it can). The position is
+        a dynamic size in the graph, so one graph serves every position and attends over the written cache only.
+        The first such step compiles (tens of seconds for the demo model on 2 cores; inductor caches what it can
+        on disk). Batches stay eager: compiled batch-8 steps of the demo model were no faster (float32) or 8%
+        slower (bfloat16, int8), after about a minute more of compiling.
+
+        `autotune` has inductor time its own matrix kernels against torch's and keep the faster: for int8 and int4
+        weights, whose torch kernels are slow (demo model, AVX512-BF16 CPU: int4 steps 4.3 against 6.0 ms, int8
+        6.7 against 7.1); it slowed prepacked bfloat16 steps (15 against 11 ms) and did not change float32's."""
         import torch._inductor.config as inductor_config
 
         if fs_init.get_model_parallel_world_size() > 1:
             raise ValueError("compiling needs a single process: run without torchrun or leave compile off")
-        for layer in self.layers:
-            layer.attention.cache_k.zero_()
-            layer.attention.cache_v.zero_()
         settings = {"freezing": True}  # read when compiling, at the first call
         if autotune:
             settings.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
@@ -648,7 +640,9 @@ class Transformer(nn.Module):
             raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len {self.params.max_seq_len}")
         if seqlen == 1 and bsz == 1 and self.compiled_step is not None:
             tokens = tokens.clone(memory_format=torch.contiguous_format)  # strides of a slice would recompile
-            return self.compiled_step(tokens, torch.tensor([start_pos], device=tokens.device))
+            rotations = self.rope[: start_pos + 1]  # its length, dynamic in the graph, gives the position
+            torch._dynamo.maybe_mark_dynamic(rotations, 0)
+            return self.compiled_step(tokens, rotations)
         rotations = self.rope[start_pos : start_pos + seqlen]
         mask = None  # one token sees every position; a prompt from position 0 is causal without a mask
         if seqlen > 1 and start_pos > 0:
@@ -657,10 +651,11 @@ class Transformer(nn.Module):
             mask = mask.tril(diagonal=start_pos)
         return self._logits(tokens, start_pos, rotations, mask, last_only)
 
-    def _decode_step(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """Logits (bs, 1, vocab) for `tokens` (bs, 1) at `position` (1,), in shapes that never change (compiled)."""
-        mask = (torch.arange(self.params.max_seq_len, device=position.device) <= position)[None]  # (1, max_seq_len)
-        return self._logits(tokens, position, self.rope[position], mask)
+    def _decode_step(self, tokens: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+        """Logits (bs, 1, vocab) for `tokens` (bs, 1) at the last position of `rotations` (the RoPE table up to
+        it): compiled, one graph serves every position, since the position is a dynamic size."""
+        start_pos = rotations.shape[0] - 1
+        return self._logits(tokens, start_pos, rotations[start_pos:], None)
 
     def _logits(self, tokens, start_pos, rotations, mask, last_only=False) -> torch.Tensor:
         if fs_init.get_model_parallel_world_size() == 1:
