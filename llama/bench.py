@@ -314,9 +314,9 @@ def bench(
     write the JSON report to `out` and a PNG plot to `plot`.
 
     Systems: `ours`, `ours+int8` and `ours+int4` (weight-only quantization), `ours+compile` (the decode step
-    compiled with torch.compile), `ours+int8+compile` and `ours+int4+compile` (both), `transformers` (the baseline of the ratios), `llama-models` (Meta's reference
-    code), `llama.cpp` (llama-cpp-python, if installed, on a GGUF of the same weights in the same precision) and
-    `llama.cpp+q8_0` (its 8-bit weights).
+    compiled with torch.compile), `ours+int8+compile` and `ours+int4+compile` (both), `transformers` (the
+    baseline of the ratios), `llama-models` (Meta's reference code), `llama.cpp` (llama-cpp-python, if
+    installed, on a GGUF of the same weights in the same precision) and `llama.cpp+q8_0` (its 8-bit weights).
     """
     if isinstance(systems, str):
         systems = systems.split(",")

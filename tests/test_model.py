@@ -108,7 +108,7 @@ def test_logprobs_match_transformers(tiny_ckpt, tiny_state, tokenizer):
 
 
 def test_compiled_decoding_matches_transformers(tiny_ckpt, tiny_state, tokenizer, monkeypatch):
-    """Compiled decode steps of one sequence (attention over the whole zeroed cache, masked) give transformers'
+    """Compiled decode steps of one sequence (one graph for every position, a dynamic size) give transformers'
     logits and the eager model's greedy tokens; batches decode eagerly."""
     compiled = Llama.build(tiny_ckpt, max_seq_len=64, max_batch_size=2, dtype="float32", compile=True)
     reference = hf_model(tiny_state, TINY_PARAMS)
@@ -118,11 +118,13 @@ def test_compiled_decoding_matches_transformers(tiny_ckpt, tiny_state, tokenizer
     compiled_calls = []
     step = compiled.model.compiled_step
     monkeypatch.setattr(compiled.model, "compiled_step", lambda *args: compiled_calls.append(1) or step(*args))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for row in range(2):
         incremental = [compiled.model.forward(tokens[row : row + 1, :12], 0)]
         incremental += [compiled.model.forward(tokens[row : row + 1, pos : pos + 1], pos) for pos in range(12, 20)]
         torch.testing.assert_close(torch.cat(incremental, dim=1), expected[row : row + 1], atol=1e-4, rtol=0)
     assert len(compiled_calls) == 16
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # one graph for every position
     compiled.model.forward(tokens[:, :12], 0)
     batch_step = compiled.model.forward(tokens[:, 12:13], 12)
     torch.testing.assert_close(batch_step, expected[:, 12:13], atol=1e-4, rtol=0)
