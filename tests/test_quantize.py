@@ -72,7 +72,6 @@ def test_int8_model_is_close_to_float(tiny_ckpt, tokenizer):
     assert abs(quantized_ppl / exact_ppl - 1) < 0.01
 
 
-
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_compiled_quantized_decoding_tracks_eager(tiny_ckpt, method):
     """Compiled decode steps of a quantized model (inductor's autotuned kernels) give the eager model's logits
