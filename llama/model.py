@@ -5,7 +5,7 @@ import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, List, Optional
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
@@ -124,8 +124,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        """x * rsqrt(mean(x^2) + eps) computed in float32, rounded to x's dtype, times the weight (as Meta's)."""
+        normed = torch.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one call instead of six
         return normed.type_as(x) * self.weight
 
 
@@ -153,18 +153,24 @@ def rope_rotations(args: ModelArgs, length: int) -> torch.Tensor:
     return torch.view_as_real(torch.polar(torch.ones_like(angles), angles))
 
 
-def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs (x[2i], x[2i+1]) of x (bs, seqlen, heads, head_dim), taken as complex numbers, by
-    `rotations` (seqlen, head_dim // 2, 2) from `rope_rotations`, in float32. Eagerly one complex product: on a
-    CPU, 4x as fast for a prompt as the same rotation in real parts, which needs the pairs swapped or split;
-    compiled in real parts, which inductor fuses (it generates no code for complex numbers)."""
+def rope_factors(rotations: torch.Tensor) -> torch.Tensor:
+    """`rotations` (seqlen, head_dim // 2, 2) from `rope_rotations` in the form apply_rope multiplies by, made once
+    per forward for every layer: eagerly complex numbers (seqlen, 1, head_dim // 2), one complex product being 4x
+    as fast for a prompt on a CPU as the same rotation in real parts, which needs the pairs swapped or split;
+    compiled, real parts (seqlen, 1, head_dim // 2, 2), which inductor fuses (it generates no complex code)."""
+    rotations = rotations[:, None]
+    return rotations if torch.compiler.is_compiling() else torch.view_as_complex(rotations)
+
+
+def apply_rope(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x[2i], x[2i+1]) of x (bs, seqlen, heads, head_dim), taken as complex numbers, by `factors`
+    from `rope_factors`, in float32."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (bs, seqlen, heads, head_dim // 2, 2)
-    rotations = rotations[:, None]  # (seqlen, 1, head_dim // 2, 2)
-    if torch.compiler.is_compiling():
-        (real, imag), (cos, sin) = pairs.unbind(-1), rotations.unbind(-1)
-        rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    if factors.is_complex():
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * factors)
     else:
-        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rotations))
+        (real, imag), (cos, sin) = pairs.unbind(-1), factors.unbind(-1)
+        rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
 
@@ -256,12 +262,12 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         start_pos: int,
-        rotations: torch.Tensor,
+        rope: torch.Tensor,
         mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        """Attention of `x` (bs, seqlen, dim) at positions start_pos... over the cache. `mask` (seqlen, positions)
-        says which positions each new token sees; None is every position for one token, and causal attention
-        from position 0 for several."""
+        """Attention of `x` (bs, seqlen, dim) at positions start_pos... (their `rope_factors`) over the cache. `mask`
+        (seqlen, positions) says which positions each new token sees; None is every position for one token, and
+        causal attention from position 0 for several."""
         bsz, seqlen, _ = x.shape
         if self.wqkv is None:
             xqk = torch.cat([self.wq(x), self.wk(x)], dim=-1)
@@ -270,7 +276,7 @@ class Attention(nn.Module):
             kv_width = self.n_local_kv_heads * self.head_dim
             xqk, xv = self.wqkv(x).split([self.n_local_heads * self.head_dim + kv_width, kv_width], dim=-1)
         heads = [self.n_local_heads, self.n_local_kv_heads]
-        xqk = apply_rope(xqk.view(bsz, seqlen, sum(heads), self.head_dim), rotations)
+        xqk = apply_rope(xqk.view(bsz, seqlen, sum(heads), self.head_dim), rope)
         xq, xk = xqk.split(heads, dim=2)  # (bs, seqlen, n_local_heads | n_local_kv_heads, head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
 
@@ -323,31 +329,39 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, start_pos, rotations, mask):
-        h = x + self.attention(self.attention_norm(x), start_pos, rotations, mask)
+    def forward(self, x, start_pos, rope, mask):
+        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def parallel_linear(layer: nn.Module, x: torch.Tensor, matmul: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The forward of bias-free fairscale `layer` with `matmul(x)` in place of `F.linear(x, layer.weight)`
-    (on a single rank, without fairscale's communication functions, which cost time at every call)."""
-    if fs_init.get_model_parallel_world_size() == 1:
-        return matmul(x)
-    if isinstance(layer, ColumnParallelLinear):
-        output = matmul(copy_to_model_parallel_region(x))
-        return gather_from_model_parallel_region(output) if layer.gather_output else output
-    x = x if layer.input_is_parallel else scatter_to_model_parallel_region(x)
-    return reduce_from_model_parallel_region(matmul(x))
+class RankLinear:
+    """Mixin for a bias-free fairscale linear layer that computes its rank's product with `matmul(rows)` in place
+    of `F.linear(rows, weight)` (see as_rank_linear). Several ranks communicate around it as fairscale's layers
+    do; a single rank holding the whole layer calls `matmul` alone, as its forward."""
+
+    matmul: Callable[[torch.Tensor], torch.Tensor]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self, ColumnParallelLinear):
+            output = self.matmul(copy_to_model_parallel_region(x))
+            return gather_from_model_parallel_region(output) if self.gather_output else output
+        x = x if self.input_is_parallel else scatter_to_model_parallel_region(x)
+        return reduce_from_model_parallel_region(self.matmul(x))
 
 
-def parallel_variants(mixin: type) -> Dict[type, type]:
-    """fairscale's ColumnParallelLinear and RowParallelLinear, each with `mixin`'s forward: a layer converts by
-    taking the class its own maps to."""
-    name_prefix = mixin.__name__.removesuffix("Linear")
-    return {
-        base: type(name_prefix + base.__name__, (mixin, base), {"__module__": mixin.__module__})
-        for base in (ColumnParallelLinear, RowParallelLinear)
-    }
+@functools.lru_cache()
+def _rank_linear_class(mixin: type, base: type, sharded: bool) -> type:
+    namespace = {"__module__": mixin.__module__}
+    if not sharded:
+        namespace["forward"] = mixin.matmul  # nothing to communicate: one call fewer on the hot path
+    return type(mixin.__name__.removesuffix("Linear") + base.__name__, (mixin, base), namespace)
+
+
+def as_rank_linear(module: nn.Module, mixin: type) -> None:
+    """Make the fairscale ColumnParallelLinear or RowParallelLinear `module` one computing with `mixin`'s (a
+    RankLinear's) matmul; its weights must already be what that matmul takes."""
+    sharded = fs_init.get_model_parallel_world_size() > 1
+    module.__class__ = _rank_linear_class(mixin, type(module), sharded)
 
 
 # Weights are packed (or converted on the fly) in row blocks of at most this many bytes, so that it needs
@@ -378,25 +392,19 @@ def blockwise_linear(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) 
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
-class DirectLinear:
-    """Mixin for a fairscale linear layer computing F.linear directly on a single rank (see parallel_linear),
-    in float32 for products of many rows where `needs_upcast`."""
+class DirectLinear(RankLinear):
+    """Mixin for a fairscale linear layer computing F.linear directly (see RankLinear), in float32 for products of
+    many rows where `needs_upcast`."""
 
     weight: nn.Parameter
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        def matmul(rows: torch.Tensor) -> torch.Tensor:
-            if rows.numel() >= UPCAST_MIN_ROWS * rows.shape[-1] and needs_upcast(rows.dtype, rows.device):
-                return blockwise_linear(rows, self.weight, torch.float32).to(rows.dtype)
-            return F.linear(rows, self.weight)
-
-        return parallel_linear(self, x, matmul)
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.numel() >= UPCAST_MIN_ROWS * rows.shape[-1] and needs_upcast(rows.dtype, rows.device):
+            return blockwise_linear(rows, self.weight, torch.float32).to(rows.dtype)
+        return F.linear(rows, self.weight)
 
 
-DIRECT_CLASSES = parallel_variants(DirectLinear)
-
-
-class PackedLinear:
+class PackedLinear(RankLinear):
     """Mixin for a fairscale linear layer whose weight is prepacked for a CPU kernel, in row blocks (`blocks`):
     the same products as F.linear, several times as fast where torch's plain kernels are slow. The blocks are
     opaque, so such a model is for inference only. Subclasses give the kernel: `pack_block` and `block_product`."""
@@ -410,12 +418,10 @@ class PackedLinear:
         """Whether the kernel computes with `weight` exactly."""
         return True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        def matmul(rows: torch.Tensor) -> torch.Tensor:
-            outputs = [self.block_product(rows, block) for block in self.blocks]
-            return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
-
-        return parallel_linear(self, x, matmul)
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        if len(self.blocks) == 1:
+            return self.block_product(rows, self.blocks[0])
+        return torch.cat([self.block_product(rows, block) for block in self.blocks], dim=-1)
 
 
 class OneDNNLinear(PackedLinear):
@@ -461,9 +467,6 @@ class HalfPackedLinear(PackedLinear):
         return torch.ops.quantized.linear_dynamic_fp16(rows.float(), block).to(rows.dtype)
 
 
-PACKED_CLASSES = {kernel: parallel_variants(kernel) for kernel in (OneDNNLinear, HalfPackedLinear)}
-
-
 def packing_for(dtype: torch.dtype, device: torch.device) -> Optional[type]:
     """The PackedLinear kernel for weights of `dtype` on `device`, if any: oneDNN for float32, and for bfloat16
     where the CPU has native bfloat16 kernels; fbgemm's float16 kernel for bfloat16 and float16 where it has
@@ -491,7 +494,7 @@ def _pack(module: nn.Module, kernel: type, release: Optional[Callable[[torch.Ten
         if release is not None:
             release(weight[begin : begin + rows])
     module.blocks = blocks
-    module.__class__ = PACKED_CLASSES[kernel][type(module)]
+    as_rank_linear(module, kernel)
 
 
 def _fused(parent: nn.Module, names: List[str], release: Optional[Callable[[torch.Tensor], None]]) -> nn.Module:
@@ -563,11 +566,11 @@ class Transformer(nn.Module):
         ):
             kernel = None
         packed = []
-        for module in self._fairscale_linear_layers():
+        for module in self.fairscale_linear_layers():
             if kernel is not None and kernel.fits(module.weight):
                 packed.append(module)
             else:
-                module.__class__ = DIRECT_CLASSES[type(module)]  # same weight, still in use: nothing to release
+                as_rank_linear(module, DirectLinear)  # same weight, still in use: nothing to release
         # Packing runs outside the GIL: layers pack in parallel (2 threads: 1.6x as fast).
         with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
             list(pool.map(lambda module: _pack(module, kernel, release), packed))
@@ -611,14 +614,14 @@ class Transformer(nn.Module):
         fairscale linear layer, which must then compute with `weight` in its own way. `release`, if given, is
         called on every weight once it is no longer needed."""
         self.fuse_projections(release)
-        for module in self._fairscale_linear_layers():
+        for module in self.fairscale_linear_layers():
             weight = module.weight.detach()
             del module.weight
             convert(module, weight)
             if release is not None:
                 release(weight)
 
-    def _fairscale_linear_layers(self) -> List[nn.Module]:
+    def fairscale_linear_layers(self) -> List[nn.Module]:
         """The bias-free fairscale linear layers not yet converted to another class."""
         return [m for m in self.modules() if type(m) in (ColumnParallelLinear, RowParallelLinear) and m.bias is None]
 
@@ -662,8 +665,9 @@ class Transformer(nn.Module):
             h = F.embedding(tokens, self.tok_embeddings.weight)  # without fairscale's wrappers
         else:
             h = self.tok_embeddings(tokens)
+        rope = rope_factors(rotations)
         for layer in self.layers:
-            h = layer(h, start_pos, rotations, mask)
+            h = layer(h, start_pos, rope, mask)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

@@ -28,7 +28,7 @@ from .checkpoint import (
     QUANTIZATION_FILE, QUANTIZED_METHODS, CheckpointError, ShardedCheckpoint, linear_weight_keys, parameter_layout,
     read_params, scale_key, staged_directory,
 )
-from .model import ModelArgs, Transformer, blockwise_linear, needs_upcast, parallel_linear, parallel_variants
+from .model import ModelArgs, Transformer, RankLinear, as_rank_linear, blockwise_linear, needs_upcast
 from .tokenizer import SPEC_FILE
 
 QUANTIZATIONS = ("int8", "int4")
@@ -56,14 +56,11 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     return (blockwise_linear(x, weight, compute) * scale).to(x.dtype)
 
 
-class Int8Linear:
+class Int8Linear(RankLinear):
     """Mixin for a fairscale linear layer whose weight is int8 with per-row scales."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return parallel_linear(self, x, lambda rows: int8_linear(rows, self.weight, self.scale))
-
-
-INT8_CLASSES = parallel_variants(Int8Linear)
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return int8_linear(rows, self.weight, self.scale)
 
 
 def quantize_weight_int4(weight: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -79,21 +76,15 @@ def quantize_weight_int4(weight: torch.Tensor, group_size: int) -> Tuple[torch.T
     return torch._convert_weight_to_int4pack_for_cpu(q, 1), scales_and_offsets.transpose(0, 1).contiguous().bfloat16()
 
 
-class Int4Linear:
+class Int4Linear(RankLinear):
     """Mixin for a fairscale linear layer whose weight is packed int4 with per-group scales and offsets."""
 
     group_size: int
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        def matmul(rows: torch.Tensor) -> torch.Tensor:
-            flat = rows.reshape(-1, rows.shape[-1]).to(torch.bfloat16)  # (tokens, in_features)
-            out = torch._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_offsets)
-            return out.to(rows.dtype).view(*rows.shape[:-1], -1)  # (..., out_features)
-
-        return parallel_linear(self, x, matmul)
-
-
-INT4_CLASSES = parallel_variants(Int4Linear)
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        flat = rows.reshape(-1, rows.shape[-1]).to(torch.bfloat16)  # (tokens, in_features)
+        out = torch._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_offsets)
+        return out.to(rows.dtype).view(*rows.shape[:-1], -1)  # (..., out_features)
 
 
 def check_method(method: str) -> None:
@@ -114,7 +105,7 @@ def quantize_model(
         q, scale = quantize_weight(weight)
         module.weight = nn.Parameter(q, requires_grad=False)
         module.register_buffer("scale", scale.to(weight.dtype))
-        module.__class__ = INT8_CLASSES[type(module)]
+        as_rank_linear(module, Int8Linear)
 
     def to_int4(module: nn.Module, weight: torch.Tensor) -> None:
         sizes = [size for size in INT4_GROUP_SIZES if weight.shape[1] % size == 0]
@@ -127,7 +118,7 @@ def quantize_model(
         module.weight = nn.Parameter(q, requires_grad=False)
         module.register_buffer("scales_and_offsets", scales_and_offsets)
         module.group_size = sizes[0]
-        module.__class__ = INT4_CLASSES[type(module)]
+        as_rank_linear(module, Int4Linear)
 
     model.convert_linear_layers(to_int8 if method == "int8" else to_int4, release)
 
@@ -150,13 +141,12 @@ def perplexity(model: Transformer, tokens: List[int], window: int) -> float:
 def int8_layers_for_loading(model: Transformer) -> None:
     """Make every bias-free linear layer of `model` (built on the meta device) an int8 one with an int8 weight
     and a `scale` buffer of the right shapes, so a quantized checkpoint's tensors load into it."""
-    for module in [*model.modules()]:
-        if type(module) in INT8_CLASSES and module.bias is None:
-            rows, columns = module.weight.shape
-            device = module.weight.device
-            module.weight = nn.Parameter(torch.empty(rows, columns, dtype=torch.int8, device=device), requires_grad=False)
-            module.register_buffer("scale", torch.empty(rows, device=device))
-            module.__class__ = INT8_CLASSES[type(module)]
+    for module in model.fairscale_linear_layers():
+        rows, columns = module.weight.shape
+        device = module.weight.device
+        module.weight = nn.Parameter(torch.empty(rows, columns, dtype=torch.int8, device=device), requires_grad=False)
+        module.register_buffer("scale", torch.empty(rows, device=device))
+        as_rank_linear(module, Int8Linear)
 
 
 def write_quantized(ckpt_dir: str, out_dir: str, method: str = "int8") -> Path:
