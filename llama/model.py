@@ -579,13 +579,15 @@ class Transformer(nn.Module):
         """Run decode steps of a single sequence (one new token) through torch.compile: inductor fuses the small
         operations and, with freezing, treats the weights as constants (prepacking those it can). The position is
         a dynamic size in the graph, so one graph serves every position and attends over the written cache only.
-        The first such step compiles (tens of seconds for the demo model on 2 cores; inductor caches what it can
-        on disk). Batches stay eager: compiled batch-8 steps of the demo model were no faster (float32) or 8%
-        slower (bfloat16, int8), after about a minute more of compiling.
+        The first such step compiles (tens of seconds for the demo model on 2 cores; inductor reuses its on-disk
+        cache in later processes for int8 and int4 weights, but cannot store graphs holding oneDNN-packed ones).
+        Batches stay eager: compiled batch-8 steps of the demo model were no faster (float32) or 8% slower
+        (bfloat16, int8), after about a minute more of compiling.
 
         `autotune` has inductor time its own matrix kernels against torch's and keep the faster: for int8 and int4
         weights, whose torch kernels are slow (demo model, AVX512-BF16 CPU, steps over the whole cache: int4 4.3
-        against 6.0 ms, int8 6.7 against 7.1); it slowed prepacked bfloat16 steps (15 against 11 ms) and did not change float32's."""
+        against 6.0 ms, int8 6.7 against 7.1); it slowed prepacked bfloat16 steps (15 against 11 ms) and did not
+        change float32's."""
         import torch._inductor.config as inductor_config
 
         if fs_init.get_model_parallel_world_size() > 1:

@@ -135,6 +135,19 @@ def test_compiled_decoding_matches_transformers(tiny_ckpt, tiny_state, tokenizer
     assert compiled.generate([prompt], 16, temperature=0) == eager.generate([prompt], 16, temperature=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_is_metas_bit_for_bit(dtype):
+    from llama_models.llama3.model import RMSNorm as MetaRMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 5, 576, generator=gen) * torch.rand(576, generator=gen) * 8).to(dtype)
+    ours, meta = model.RMSNorm(576, eps=1e-5), MetaRMSNorm(576, eps=1e-5)
+    weight = torch.randn(576, generator=gen).to(dtype)
+    ours.weight.data, meta.weight.data = weight, weight.clone()
+    with torch.no_grad():
+        assert torch.equal(ours(x), meta(x))
+
+
 @pytest.mark.parametrize("start_pos", [0, 24])
 def test_blocked_causal_attention_in_bfloat16_is_within_rounding_of_sdpa(monkeypatch, start_pos):
     monkeypatch.setattr(model, "ATTENTION_BLOCK_ROWS", 16)
