@@ -351,6 +351,7 @@ class RankLinear:
 
 @functools.lru_cache()
 def _rank_linear_class(mixin: type, base: type, sharded: bool) -> type:
+    """`base` with `mixin`'s matmul, made once per combination."""
     namespace = {"__module__": mixin.__module__}
     if not sharded:
         namespace["forward"] = mixin.matmul  # nothing to communicate: one call fewer on the hot path
