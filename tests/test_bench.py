@@ -35,8 +35,10 @@ def test_system_names():
     assert parse_system("ours+compile") == ("ours", "compile")
     assert parse_system("ours+int4+compile") == ("ours", "int4+compile")
     assert parse_system("llama.cpp+q8_0") == ("llama.cpp", "q8_0")
-    bad_names = ("theirs", "transformers+int8", "ours+int3", "ours+int8+int4", "ours+compile+int8", "llama.cpp+int8")
-    for bad in (*bad_names, "ours+q8_0"):
+    bad_names = (
+        "theirs", "transformers+int8", "ours+int3", "ours+int8+int4", "ours+compile+int8", "llama.cpp+int8", "ours+q8_0"
+    )
+    for bad in bad_names:
         with pytest.raises(ValueError, match="unknown system"):
             parse_system(bad)
 
