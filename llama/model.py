@@ -439,7 +439,27 @@ class OneDNNLinear(PackedLinear):
 
     @staticmethod
     def block_product(rows: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(rows, block, None, "none", [], "")
+        if torch.compiler.is_compiling():  # the same product, opaque to inductor (see _LIBRARY below)
+            return torch.ops.llama.onednn_linear(rows, block)
+        return _onednn_linear(rows, block)
+
+
+def _onednn_linear(rows: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(rows, block, None, "none", [], "")
+
+
+# oneDNN's product again, as an operator inductor knows nothing about. Its own lowering of mkldnn's product
+# needs the packed weights frozen into the graph as constants, and a graph holding those cannot go into its
+# on-disk cache (it cannot pickle them); through this operator they stay inputs of a cacheable graph.
+_LIBRARY = torch.library.Library("llama", "FRAGMENT")
+_LIBRARY.define("onednn_linear(Tensor rows, Tensor block) -> Tensor")
+for _dispatch_key in ("CPU", "MkldnnCPU"):  # dense rows, opaque packed block
+    _LIBRARY.impl("onednn_linear", _onednn_linear, _dispatch_key)
+
+
+@torch.library.register_fake("llama::onednn_linear", lib=_LIBRARY)
+def _onednn_linear_shape(rows: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    return rows.new_empty((*rows.shape[:-1], block.shape[0]))
 
 
 class HalfPackedLinear(PackedLinear):
@@ -578,26 +598,29 @@ class Transformer(nn.Module):
 
     def compile_decoding(self, *, autotune: bool = False) -> None:
         """Run decode steps of a single sequence (one new token) through torch.compile: inductor fuses the small
-        operations and, with freezing, treats the weights as constants (prepacking those it can). The position is
-        a dynamic size in the graph, so one graph serves every position and attends over the written cache only.
-        The first such step compiles (tens of seconds for the demo model on 2 cores; inductor reuses its on-disk
-        cache in later processes for int8 and int4 weights, but cannot store graphs holding oneDNN-packed ones).
-        Batches stay eager: compiled batch-8 steps of the demo model were no faster (float32) or 8% slower
-        (bfloat16, int8), after about a minute more of compiling.
+        operations around the matrix products. The position is a dynamic size in the graph, so one graph serves
+        every position and attends over the written cache only. The first such step compiles (about 25 s for the
+        demo model on 2 cores); later processes take the graph from inductor's on-disk cache (4-6 s). Batches stay
+        eager: compiled batch-8 steps of the demo model were no faster (float32) or 8% slower (bfloat16, int8),
+        after about a minute more of compiling.
 
-        `autotune` has inductor time its own matrix kernels against torch's and keep the faster: for int8 and int4
-        weights, whose torch kernels are slow (demo model, AVX512-BF16 CPU, steps over the whole cache: int4 4.3
-        against 6.0 ms, int8 6.7 against 7.1); it slowed prepacked bfloat16 steps (15 against 11 ms) and did not
-        change float32's."""
+        The weights stay inputs of the graph (oneDNN-packed ones through the operator llama::onednn_linear), except
+        with `autotune`: then inductor freezes them into the graph as constants and times its own matrix kernels
+        against torch's, keeping the faster. That is for int8 and int4 weights, whose torch kernels are slow (demo
+        model, AVX512-BF16 CPU, steps over the whole cache: int4 4.3 against 6.0 ms, int8 6.7 against 7.1); it
+        slowed prepacked bfloat16 steps (15 against 11 ms) and did not change float32's. Freezing oneDNN-packed
+        weights gave steps no faster than leaving them inputs, and graphs the cache cannot store (compiled anew in
+        every process: 21-24 s against 4-6 s)."""
         import torch._inductor.config as inductor_config
 
         if fs_init.get_model_parallel_world_size() > 1:
             raise ValueError("compiling needs a single process: run without torchrun or leave compile off")
-        settings = {"freezing": True}  # read when compiling, at the first call
-        if autotune:
-            settings.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
         compiled = torch.compile(self._decode_step, fullgraph=True)
-        self.compiled_step = inductor_config.patch(**settings)(compiled)
+        if autotune:  # inductor's settings are read when compiling, at the first call
+            compiled = inductor_config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")(
+                compiled
+            )
+        self.compiled_step = compiled
 
     def fuse_projections(self, release: Optional[Callable[[torch.Tensor], None]] = None) -> None:
         """Make wq, wk, wv one layer `attention.wqkv` and w1, w3 one layer `feed_forward.w13`: one matrix product

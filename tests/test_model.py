@@ -109,7 +109,8 @@ def test_logprobs_match_transformers(tiny_ckpt, tiny_state, tokenizer):
 
 def test_compiled_decoding_matches_transformers(tiny_ckpt, tiny_state, tokenizer, monkeypatch):
     """Compiled decode steps of one sequence (one graph for every position, a dynamic size) give transformers'
-    logits and the eager model's greedy tokens; batches decode eagerly."""
+    logits and the eager model's greedy tokens; batches decode eagerly. The graph, whose oneDNN-packed weights
+    stay inputs, goes through inductor's on-disk cache (stored or found) instead of bypassing it."""
     compiled = Llama.build(tiny_ckpt, max_seq_len=64, max_batch_size=2, dtype="float32", compile=True)
     reference = hf_model(tiny_state, TINY_PARAMS)
     tokens = torch.randint(0, TINY_PARAMS["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(1))
@@ -118,13 +119,18 @@ def test_compiled_decoding_matches_transformers(tiny_ckpt, tiny_state, tokenizer
     compiled_calls = []
     step = compiled.model.compiled_step
     monkeypatch.setattr(compiled.model, "compiled_step", lambda *args: compiled_calls.append(1) or step(*args))
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    counters = torch._dynamo.utils.counters  # re-read below: compiling may replace its dicts
+    graphs = counters["stats"]["unique_graphs"]
+    cache_keys = ("fxgraph_cache_bypass", "fxgraph_cache_miss", "fxgraph_cache_hit")
+    cache_before = [counters["inductor"][key] for key in cache_keys]
     for row in range(2):
         incremental = [compiled.model.forward(tokens[row : row + 1, :12], 0)]
         incremental += [compiled.model.forward(tokens[row : row + 1, pos : pos + 1], pos) for pos in range(12, 20)]
         torch.testing.assert_close(torch.cat(incremental, dim=1), expected[row : row + 1], atol=1e-4, rtol=0)
     assert len(compiled_calls) == 16
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # one graph for every position
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph for every position
+    bypassed, missed, hit = (counters["inductor"][key] - before for key, before in zip(cache_keys, cache_before))
+    assert (bypassed, missed + hit) == (0, 1)
     compiled.model.forward(tokens[:, :12], 0)
     batch_step = compiled.model.forward(tokens[:, 12:13], 12)
     torch.testing.assert_close(batch_step, expected[:, 12:13], atol=1e-4, rtol=0)
