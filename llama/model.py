@@ -213,6 +213,18 @@ def blocked_causal_attention(
     return output.view(bsz, n_heads, seqlen, head_dim).transpose(1, 2)
 
 
+def decode_attention(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Attention of query rows xq (bs, n_kv_heads, rows, head_dim) over keys and values (bs, n_kv_heads, positions,
+    head_dim), every position visible, in float32, written as products and sums for torch.compile: inductor fuses
+    them into loops, up to twice as fast as the flash kernel (one compiled layer's attention over 100 to 4,000
+    positions: 24-172 against 36-335 us on an AVX512 CPU). Compiled decode steps of the demo model went from
+    1.12-1.24x to 1.26-1.27x eager's speed in bfloat16, and from 1.36-1.44x to 1.53-1.61x in int8. Eagerly it
+    would materialize every product: eager decoding uses the flash kernel."""
+    scores = (xq.float()[:, :, :, None] * keys.float()[:, :, None]).sum(-1)  # (bs, n_kv_heads, rows, positions)
+    probs = torch.softmax(scores * xq.shape[-1] ** -0.5, dim=-1)
+    return (probs[..., None] * values.float()[:, :, None]).sum(-2).type_as(xq)  # (bs, n_kv_heads, rows, head_dim)
+
+
 def attends_in_blocks(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether prompts attend through blocked_causal_attention rather than the flash kernel: 16-bit on CPUs with
     native products (in float32, and at 16 bits where torch emulates them, the flash kernel is faster)."""
@@ -290,7 +302,10 @@ class Attention(nn.Module):
             # Decoding: the query heads sharing a key/value head become the query rows of one attention per
             # key/value head, so keys and values are never repeated (and CPU kernels stay fast for one token).
             xq = xq.view(bsz, self.n_local_kv_heads, -1, self.head_dim)  # (bs, n_local_kv_heads, groups, head_dim)
-            output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask)
+            if torch.compiler.is_compiling():
+                output = decode_attention(xq, keys, values)
+            else:
+                output = F.scaled_dot_product_attention(xq, keys, values)
         elif attends_in_blocks(xq.dtype, xq.device):
             output = blocked_causal_attention(xq, keys, values, start_pos)
         else:  # the kernel pairs each query head with its key/value head itself, without repeating them

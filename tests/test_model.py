@@ -141,6 +141,17 @@ def test_compiled_decoding_matches_transformers(tiny_ckpt, tiny_state, tokenizer
     assert compiled.generate([prompt], 16, temperature=0) == eager.generate([prompt], 16, temperature=0)
 
 
+@pytest.mark.parametrize("positions", [1, 37, 600])
+def test_decode_attention_is_torchs(positions):
+    """The attention written out for compiled decode steps (query heads sharing a key/value head as its rows)
+    equals torch's scaled_dot_product_attention."""
+    gen = torch.Generator().manual_seed(positions)
+    xq = torch.randn(2, 3, 4, 16, generator=gen)  # (bs, n_kv_heads, rows, head_dim)
+    keys, values = torch.randn(2, 2, 3, positions, 16, generator=gen).unbind(0)
+    expected = torch.nn.functional.scaled_dot_product_attention(xq, keys, values)
+    torch.testing.assert_close(model.decode_attention(xq, keys, values), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_rms_norm_is_metas_bit_for_bit(dtype):
     from llama_models.llama3.model import RMSNorm as MetaRMSNorm
