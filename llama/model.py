@@ -614,15 +614,16 @@ class Transformer(nn.Module):
     def compile_decoding(self, *, autotune: bool = False) -> None:
         """Run decode steps of a single sequence (one new token) through torch.compile: inductor fuses the small
         operations around the matrix products. The position is a dynamic size in the graph, so one graph serves
-        every position and attends over the written cache only. The first such step compiles (about 25 s for the
-        demo model on 2 cores); later processes take the graph from inductor's on-disk cache (4-6 s). Batches stay
-        eager: compiled batch-8 steps of the demo model were no faster (float32) or 8% slower (bfloat16, int8),
-        after about a minute more of compiling.
+        every position and attends over the written cache only. The first such step compiles (20-40 s for the
+        demo model on 2 cores, 50-80 s with `autotune`); later processes take the graph from inductor's on-disk
+        cache (4.5-6.5 s, 12-21 s with `autotune`). Batches stay eager: compiled batch-8 steps of the demo model
+        were no faster (float32) or 8% slower (bfloat16, int8), after about a minute more of compiling.
 
         The weights stay inputs of the graph (oneDNN-packed ones through the operator llama::onednn_linear), except
         with `autotune`: then inductor freezes them into the graph as constants and times its own matrix kernels
         against torch's, keeping the faster. That is for int8 and int4 weights, whose torch kernels are slow (demo
-        model, AVX512-BF16 CPU, steps over the whole cache: int4 4.3 against 6.0 ms, int8 6.7 against 7.1); it
+        model, AVX512-BF16 CPU, steps over the whole cache: int4 4.3 against 6.0 ms, int8 6.7 against 7.1; unfrozen,
+        int8 weights leave inductor only torch's kernel: compiled over eager 1.28x instead of 1.53-1.61x); it
         slowed prepacked bfloat16 steps (15 against 11 ms) and did not change float32's. Freezing oneDNN-packed
         weights gave steps no faster than leaving them inputs, and graphs the cache cannot store (compiled anew in
         every process: 21-24 s against 4-6 s)."""
