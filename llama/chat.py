@@ -116,6 +116,9 @@ def chat(
     # Ctrl-C stops an answer even if this process was started with SIGINT ignored (as background jobs are).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     print(HELP, flush=True)
+    if compile:  # now, rather than in the middle of the first answer
+        print("[compiling the decode step: up to a minute the first time, seconds once cached]", flush=True)
+        generator.model.warm_up_decoding()
     while True:
         try:
             line = _read_line("\n> ")

@@ -638,6 +638,13 @@ class Transformer(nn.Module):
             )
         self.compiled_step = compiled
 
+    def warm_up_decoding(self) -> None:
+        """Run one decode step now, so that a compiled step compiles here rather than in the middle of the first
+        answer. It writes positions 0 and 1 of the caches' first row, which every generation writes before it reads."""
+        token = torch.zeros((1, 1), dtype=torch.long, device=self.rope.device)
+        for position in range(min(2, self.params.max_seq_len)):  # no decode step fits a context of one token
+            self.forward(token, position)
+
     def fuse_projections(self, release: Optional[Callable[[torch.Tensor], None]] = None) -> None:
         """Make wq, wk, wv one layer `attention.wqkv` and w1, w3 one layer `feed_forward.w13`: one matrix product
         each instead of three and two. The fused layer's weight (and any other per-row tensor, such as int8

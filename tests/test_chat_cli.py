@@ -49,6 +49,18 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_chat):
     assert tiny_chat.exitstatus == 0
 
 
+def test_compiled_chat_compiles_before_the_first_answer(tiny_ckpt):
+    child = start_chat(tiny_ckpt, "--compile", "--max_seq_len", "64", "--max_gen_len", "8")
+    assert "[compiling the decode step" in child.before
+    child.sendline("Hello there")
+    child.expect("there\r\n")
+    child.expect("\n> ", timeout=10)  # no compiling mid-answer
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.wait()
+    assert child.exitstatus == 0
+
+
 def test_long_history_drops_oldest_turns(tiny_ckpt):
     child = start_chat(tiny_ckpt, "--max_seq_len", "96", "--max_gen_len", "12")
     seen = ""
