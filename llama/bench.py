@@ -36,6 +36,7 @@ METRICS = {
     "load_s": ("load", "s", False),
     "start_to_first_token_s": ("process start to first token", "s", False),
     "ttft_s": ("time to first token (warm)", "s", False),
+    "warmup_s": ("warm-up: 3 generations, compiling included", "s", False),
     "prefill_tok_s": ("prefill", "tok/s", True),
     "decode_b1_tok_s": ("decode, batch 1", "tok/s", True),
     "decode_batch_tok_s": ("decode, batch N", "tok/s", True),
