@@ -642,7 +642,7 @@ class Transformer(nn.Module):
         """Run one decode step now, so that a compiled step compiles here rather than in the middle of the first
         answer. It writes positions 0 and 1 of the caches' first row, which every generation writes before it reads."""
         token = torch.zeros((1, 1), dtype=torch.long, device=self.rope.device)
-        for position in range(min(2, self.params.max_seq_len)):  # no decode step fits a context of one token
+        for position in range(min(2, self.params.max_seq_len)):  # a prompt token, then a decode step if it fits
             self.forward(token, position)
 
     def fuse_projections(self, release: Optional[Callable[[torch.Tensor], None]] = None) -> None:
@@ -690,7 +690,8 @@ class Transformer(nn.Module):
         bsz, seqlen = tokens.shape
         if start_pos + seqlen > self.params.max_seq_len:
             raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len {self.params.max_seq_len}")
-        if seqlen == 1 and bsz == 1 and self.compiled_step is not None:
+        # A one-token prompt (position 0) stays eager: a table of length 1 would compile a graph of its own.
+        if seqlen == 1 and bsz == 1 and start_pos > 0 and self.compiled_step is not None:
             tokens = tokens.clone(memory_format=torch.contiguous_format)  # strides of a slice would recompile
             rotations = self.rope[: start_pos + 1]  # its length, dynamic in the graph, gives the position
             torch._dynamo.maybe_mark_dynamic(rotations, 0)

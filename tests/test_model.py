@@ -67,7 +67,7 @@ def test_logits_match_transformers(tmp_path, monkeypatch, overrides, blocked):
 
     tokens = torch.randint(0, params["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = reference(tokens).logits
+        expected, expected_one_token = reference(tokens).logits, reference(tokens[:1, :2]).logits
     torch.testing.assert_close(ours.model.forward(tokens, 0), expected, atol=1e-4, rtol=0)
     # The same positions through the KV cache: a 24-token prefill (causal), 6 more tokens over the cache (masked),
     # then one token at a time.
@@ -115,7 +115,7 @@ def test_compiled_decoding_matches_transformers(tiny_ckpt, tiny_state, tokenizer
     reference = hf_model(tiny_state, TINY_PARAMS)
     tokens = torch.randint(0, TINY_PARAMS["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = reference(tokens).logits
+        expected, expected_one_token = reference(tokens).logits, reference(tokens[:1, :2]).logits
     compiled_calls = []
     step = compiled.model.compiled_step
     monkeypatch.setattr(compiled.model, "compiled_step", lambda *args: compiled_calls.append(1) or step(*args))
@@ -127,14 +127,16 @@ def test_compiled_decoding_matches_transformers(tiny_ckpt, tiny_state, tokenizer
         incremental = [compiled.model.forward(tokens[row : row + 1, :12], 0)]
         incremental += [compiled.model.forward(tokens[row : row + 1, pos : pos + 1], pos) for pos in range(12, 20)]
         torch.testing.assert_close(torch.cat(incremental, dim=1), expected[row : row + 1], atol=1e-4, rtol=0)
-    assert len(compiled_calls) == 16
+    one_token = [compiled.model.forward(tokens[:1, pos : pos + 1], pos) for pos in range(2)]  # a one-token prompt
+    torch.testing.assert_close(torch.cat(one_token, dim=1), expected_one_token, atol=1e-4, rtol=0)
+    assert len(compiled_calls) == 17  # the prompt at position 0 stays eager
     assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph for every position
     bypassed, missed, hit = (counters["inductor"][key] - before for key, before in zip(cache_keys, cache_before))
     assert (bypassed, missed + hit) == (0, 1)
     compiled.model.forward(tokens[:, :12], 0)
     batch_step = compiled.model.forward(tokens[:, 12:13], 12)
     torch.testing.assert_close(batch_step, expected[:, 12:13], atol=1e-4, rtol=0)
-    assert len(compiled_calls) == 16
+    assert len(compiled_calls) == 17
 
     eager = Llama.build(tiny_ckpt, max_seq_len=64, max_batch_size=2, dtype="float32")
     prompt = tokenizer.encode(PROMPTS[0], bos=True, eos=False)
