@@ -616,8 +616,10 @@ class Transformer(nn.Module):
         operations around the matrix products. The position is a dynamic size in the graph, so one graph serves
         every position and attends over the written cache only. The first such step compiles (20-40 s for the
         demo model on 2 cores, 50-80 s with `autotune`); later processes take the graph from inductor's on-disk
-        cache (4.5-6.5 s, 12-21 s with `autotune`). Batches stay eager: compiled batch-8 steps of the demo model
-        were no faster (float32) or 8% slower (bfloat16, int8), after about a minute more of compiling.
+        cache (4.5-6.5 s, 12-21 s with `autotune`). Batches stay eager: with frozen weights and the flash kernel,
+        compiled batch-8 steps of the demo model were no faster (float32) or 8% slower (bfloat16, int8); this
+        graph's batch-8 steps are faster (bfloat16 1.29x, float32 1.14x), but a batch shrinking to one sequence
+        would then compile a second graph in the middle of a generation.
 
         The weights stay inputs of the graph (oneDNN-packed ones through the operator llama::onednn_linear), except
         with `autotune`: then inductor freezes them into the graph as constants and times its own matrix kernels
