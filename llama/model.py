@@ -408,26 +408,70 @@ def blockwise_linear(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) 
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
+# Matrix products as operators of our own, which torch.compile leaves to their kernels (see opaque_product).
+_LIBRARY = torch.library.Library("llama", "FRAGMENT")
+
+
+def opaque_product(name: str, kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], dispatch_keys) -> None:
+    """Register `kernel(rows, weight)`, computing rows (..., in) times a weight of out rows, as the operator
+    torch.ops.llama.<name>, for tensors of `dispatch_keys`: a compiled graph calls it as it is."""
+    _LIBRARY.define(f"{name}(Tensor rows, Tensor weight) -> Tensor")
+    for key in dispatch_keys:
+        _LIBRARY.impl(name, kernel, key)
+    torch.library.register_fake(
+        f"llama::{name}", lambda rows, weight: rows.new_empty((*rows.shape[:-1], weight.shape[0])), lib=_LIBRARY
+    )
+
+
+def matrix_vector(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(row, weight) for a single row through torch's own matrix-vector kernel, with oneDNN switched off
+    for the call (process-wide: a product on another thread meanwhile would skip oneDNN too). For 16-bit values
+    on CPUs where torch otherwise calls oneDNN, it sums in float32 as oneDNN does, at a fraction of the fixed
+    cost: a bfloat16 product of 72x72 weights takes 4.5 against 15-18 us, of the demo model's layers 20-45
+    against 27-53 us (prepacked for oneDNN; 3072x576 about even), on an AVX512-BF16 CPU. For more rows it is
+    several times slower than oneDNN."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return F.linear(row, weight)
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
+# Compiled decode steps call it as it is: about as much faster than oneDNN's product there as eagerly (a step of
+# the demo model in bfloat16: 9.7 against 10.7 ms), which inductor would otherwise choose.
+opaque_product("matrix_vector", matrix_vector, ("CPU",))
+
+
 class DirectLinear(RankLinear):
-    """Mixin for a fairscale linear layer computing F.linear directly (see RankLinear), in float32 for products of
-    many rows where `needs_upcast`."""
+    """Mixin for a fairscale linear layer computing F.linear directly (see RankLinear): single 16-bit rows on the
+    CPU through `matrix_vector`, and in float32 products of many rows where `needs_upcast`."""
 
     weight: nn.Parameter
 
     def matmul(self, rows: torch.Tensor) -> torch.Tensor:
         if rows.numel() >= UPCAST_MIN_ROWS * rows.shape[-1] and needs_upcast(rows.dtype, rows.device):
             return blockwise_linear(rows, self.weight, torch.float32).to(rows.dtype)
+        if (
+            rows.numel() == rows.shape[-1]
+            and rows.dtype in (torch.bfloat16, torch.float16)
+            and rows.device.type == "cpu"
+        ):
+            if torch.compiler.is_compiling():
+                return torch.ops.llama.matrix_vector(rows, self.weight)
+            return matrix_vector(rows, self.weight)
         return F.linear(rows, self.weight)
 
 
 class PackedLinear(RankLinear):
     """Mixin for a fairscale linear layer whose weight is prepacked for a CPU kernel, in row blocks (`blocks`):
     the same products as F.linear, several times as fast where torch's plain kernels are slow. The blocks are
-    opaque, so such a model is for inference only. Subclasses give the kernel: `pack_block` and `block_product`."""
+    opaque, so such a model is for inference only. Subclasses give the kernel (`pack_block`, `block_product`) and
+    `min_batch_size(dtype)`: the smallest max_batch_size for which packing weights of `dtype` pays for itself."""
 
     blocks: List[Any]
+    min_batch_size: Callable[[torch.dtype], int]
     traceable = True  # whether torch.compile can trace the kernel
-    min_batch_size = 1  # the smallest max_batch_size for which packing pays for itself
 
     @staticmethod
     def fits(weight: torch.Tensor) -> bool:
@@ -448,13 +492,19 @@ class OneDNNLinear(PackedLinear):
 
     rows_hint = 8
 
+    @staticmethod
+    def min_batch_size(dtype: torch.dtype) -> int:
+        # Single 16-bit rows are faster through torch's own kernel (see matrix_vector): decode steps of the demo
+        # model in bfloat16 took 11.5-11.8 against 12.3-13.0 ms (AVX512-BF16 CPU, the two builds alternating).
+        return 1 if dtype == torch.float32 else 2
+
     @classmethod
     def pack_block(cls, weight: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._reorder_linear_weight(weight, cls.rows_hint)
 
     @staticmethod
     def block_product(rows: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # the same product, opaque to inductor (see _LIBRARY below)
+        if torch.compiler.is_compiling():  # the same product, opaque to inductor (registered below)
             return torch.ops.llama.onednn_linear(rows, block)
         return _onednn_linear(rows, block)
 
@@ -466,15 +516,7 @@ def _onednn_linear(rows: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
 # oneDNN's product again, as an operator inductor knows nothing about. Its own lowering of mkldnn's product
 # needs the packed weights frozen into the graph as constants, and a graph holding those cannot go into its
 # on-disk cache (it cannot pickle them); through this operator they stay inputs of a cacheable graph.
-_LIBRARY = torch.library.Library("llama", "FRAGMENT")
-_LIBRARY.define("onednn_linear(Tensor rows, Tensor block) -> Tensor")
-for _dispatch_key in ("CPU", "MkldnnCPU"):  # dense rows, opaque packed block
-    _LIBRARY.impl("onednn_linear", _onednn_linear, _dispatch_key)
-
-
-@torch.library.register_fake("llama::onednn_linear", lib=_LIBRARY)
-def _onednn_linear_shape(rows: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    return rows.new_empty((*rows.shape[:-1], block.shape[0]))
+opaque_product("onednn_linear", _onednn_linear, ("CPU", "MkldnnCPU"))  # dense rows, opaque packed block
 
 
 class HalfPackedLinear(PackedLinear):
@@ -487,7 +529,10 @@ class HalfPackedLinear(PackedLinear):
     one sequence at a time keep torch's kernel. torch.compile cannot trace fbgemm's packed weights."""
 
     traceable = False
-    min_batch_size = 2
+
+    @staticmethod
+    def min_batch_size(dtype: torch.dtype) -> int:
+        return 2
 
     @staticmethod
     def fits(weight: torch.Tensor) -> bool:
@@ -598,7 +643,7 @@ class Transformer(nn.Module):
         weight = self.tok_embeddings.weight
         kernel = packing_for(weight.dtype, weight.device)
         if kernel is not None and (
-            (traceable and not kernel.traceable) or self.params.max_batch_size < kernel.min_batch_size
+            (traceable and not kernel.traceable) or self.params.max_batch_size < kernel.min_batch_size(weight.dtype)
         ):
             kernel = None
         packed = []
@@ -621,14 +666,14 @@ class Transformer(nn.Module):
         graph's batch-8 steps are faster (bfloat16 1.29x, float32 1.14x), but a batch shrinking to one sequence
         would then compile a second graph in the middle of a generation.
 
-        The weights stay inputs of the graph (oneDNN-packed ones through the operator llama::onednn_linear), except
-        with `autotune`: then inductor freezes them into the graph as constants and times its own matrix kernels
-        against torch's, keeping the faster. That is for int8 and int4 weights, whose torch kernels are slow (demo
-        model, AVX512-BF16 CPU, steps over the whole cache: int4 4.3 against 6.0 ms, int8 6.7 against 7.1; unfrozen,
-        int8 weights leave inductor only torch's kernel: compiled over eager 1.28x instead of 1.53-1.61x); it
-        slowed prepacked bfloat16 steps (15 against 11 ms) and did not change float32's. Freezing oneDNN-packed
-        weights gave steps no faster than leaving them inputs, and graphs the cache cannot store (compiled anew in
-        every process: 21-24 s against 4-6 s)."""
+        The weights stay inputs of the graph (oneDNN-packed ones through the operator llama::onednn_linear, plain
+        16-bit ones through llama::matrix_vector), except with `autotune`: then inductor freezes them into the
+        graph as constants and times its own matrix kernels against torch's, keeping the faster. That is for int8
+        and int4 weights, whose torch kernels are slow (demo model, AVX512-BF16 CPU, steps over the whole cache:
+        int4 4.3 against 6.0 ms, int8 6.7 against 7.1; unfrozen, int8 weights leave inductor only torch's kernel:
+        compiled over eager 1.28x instead of 1.53-1.61x); it slowed prepacked bfloat16 steps (15 against 11 ms)
+        and did not change float32's. Freezing oneDNN-packed weights gave steps no faster than leaving them inputs,
+        and graphs the cache cannot store (compiled anew in every process: 21-24 s against 4-6 s)."""
         import torch._inductor.config as inductor_config
 
         if fs_init.get_model_parallel_world_size() > 1:

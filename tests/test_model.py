@@ -143,6 +143,28 @@ def test_compiled_decoding_matches_transformers(tiny_ckpt, tiny_state, tokenizer
     assert compiled.generate([prompt], 16, temperature=0) == eager.generate([prompt], 16, temperature=0)
 
 
+def test_one_bfloat16_sequence_decodes_through_torchs_own_kernel(tiny_ckpt, tiny_state, monkeypatch):
+    """A bfloat16 model for one sequence keeps its weights plain: decode steps, eager and compiled, multiply single
+    rows through torch's own matrix-vector kernel (model.matrix_vector, oneDNN off for each call only), and give
+    transformers' bfloat16 logits within rounding."""
+    original, vectors = model.matrix_vector, []
+    monkeypatch.setattr(model, "matrix_vector", lambda row, weight: vectors.append(row.shape) or original(row, weight))
+    build = dict(max_seq_len=32, max_batch_size=1, dtype="bfloat16")
+    eager, compiled = Llama.build(tiny_ckpt, **build), Llama.build(tiny_ckpt, compile=True, **build)
+    reference = hf_model(tiny_state, TINY_PARAMS).bfloat16()
+    tokens = torch.randint(0, TINY_PARAMS["vocab_size"], (1, 14), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = reference(tokens).logits.float()
+    for generator in (eager, compiled):
+        layers = [generator.model.output, generator.model.layers[0].attention.wqkv]
+        assert all(isinstance(layer, model.DirectLinear) for layer in layers)
+        steps = [generator.model.forward(tokens[:, :8], 0)]
+        steps += [generator.model.forward(tokens[:, pos : pos + 1], pos) for pos in range(8, 14)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=0.03 * expected.abs().max(), rtol=0)
+        assert torch.backends.mkldnn.enabled
+    assert len(vectors) == 6 * (4 * TINY_PARAMS["n_layers"] + 1)  # eager steps (compiled ones call an operator)
+
+
 @pytest.mark.parametrize("positions", [1, 37, 600])
 def test_decode_attention_is_torchs(positions):
     """The attention written out for compiled decode steps (query heads sharing a key/value head as its rows)
