@@ -3,10 +3,12 @@ repo's model next to transformers' LlamaForCausalLM on the same weights and dtyp
 
 Every measurement runs in a fresh worker process per system and repetition (so load time, process start to
 first token and peak RSS are those of a cold process), systems alternating A B A B. Each worker warms up
-before timing. Generation is greedy and always runs the full number of tokens (stop tokens are ignored).
-Prompts are random token ids with a fixed seed.
+before timing. Systems whose build takes a batch size (ours, llama-models) are built for one sequence, as the
+chat is, then built again for batches of N before the batch-N figure. Generation is greedy and always runs the
+full number of tokens (stop tokens are ignored). Prompts are random token ids with a fixed seed.
 """
 
+import gc
 import importlib.util
 import json
 import os
@@ -93,11 +95,13 @@ def _timed(fn: Callable[[], object]) -> float:
 class _Ours:
     """This repo's Llama, generating through the public `generate`."""
 
-    def __init__(self, spec: dict):
+    sized = True  # built for `batch` sequences at most
+
+    def __init__(self, spec: dict, batch: int):
         options = set((parse_system(spec["system"])[1] or "").split("+"))
         quantize = next(iter(options & set(QUANTIZATIONS)), None)
         self.llama = Llama.build(
-            spec["ckpt_dir"], max_seq_len=spec["max_seq_len"], max_batch_size=spec["batch"], dtype=spec["dtype"],
+            spec["ckpt_dir"], max_seq_len=spec["max_seq_len"], max_batch_size=batch, dtype=spec["dtype"],
             device="cpu", quantize=quantize, compile="compile" in options,
         )
         self.llama.tokenizer.stop_tokens = set()  # always generate the full length
@@ -109,7 +113,7 @@ class _Ours:
 class _Transformers:
     """transformers' LlamaForCausalLM (sdpa attention) loaded from a Hugging Face export of the same weights."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, batch: int):
         from transformers import LlamaForCausalLM
 
         dtype = getattr(torch, spec["dtype"])
@@ -128,7 +132,9 @@ class _LlamaModels:
     """The reference Transformer of Meta's llama-models package on the same Meta checkpoint, with a greedy loop
     like its generator's (prefill, then one token at a time; its forward returns every position's logits)."""
 
-    def __init__(self, spec: dict):
+    sized = True  # built for `batch` sequences at most
+
+    def __init__(self, spec: dict, batch: int):
         from llama_models.llama3.args import ModelArgs as ReferenceArgs
         from llama_models.llama3.model import Transformer
 
@@ -136,10 +142,10 @@ class _LlamaModels:
         dtype = getattr(torch, spec["dtype"])
         params = read_params(Path(spec["ckpt_dir"]))
         torch.set_default_dtype(dtype)  # as Meta's build does; the KV caches follow it
-        args = ReferenceArgs(max_seq_len=spec["max_seq_len"], max_batch_size=spec["batch"], **params)
+        args = ReferenceArgs(max_seq_len=spec["max_seq_len"], max_batch_size=batch, **params)
         self.model = Transformer(args)
         torch.set_default_dtype(torch.float32)
-        ours = ModelArgs(max_seq_len=spec["max_seq_len"], max_batch_size=spec["batch"], **params)
+        ours = ModelArgs(max_seq_len=spec["max_seq_len"], max_batch_size=batch, **params)
         state = ShardedCheckpoint(Path(spec["ckpt_dir"]), ours).rank_state_dict(0, 1, dtype, torch.device("cpu"))
         self.model.load_state_dict(state, strict=True)
 
@@ -157,7 +163,7 @@ class _LlamaCpp:
 
     batched = False
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, batch: int):
         from llama_cpp import Llama as LlamaCpp
 
         self.model = LlamaCpp(
@@ -187,17 +193,14 @@ def worker(spec: dict) -> dict:
     short = prompts(1, spec["prompt_len"])
     start_rss_mb = memory_mib("VmRSS")  # Python, torch and this repo imported
     start = time.perf_counter()
-    system = SYSTEM_CLASSES[parse_system(spec["system"])[0]](spec)
+    system_class = SYSTEM_CLASSES[parse_system(spec["system"])[0]]
+    system = system_class(spec, 1)
     result = {"load_s": time.perf_counter() - start}
     system.generate(short, 1)
     result["start_to_first_token_s"] = time.time() - spec["launch_time"]
 
     long, batch = prompts(1, spec["prefill_len"]), prompts(spec["batch"], spec["prompt_len"])
-    warmup_start = time.perf_counter()
-    for warm_prompts, warm_tokens in ((long, 1), (short, 4), (batch, 4)):
-        system.generate(warm_prompts, warm_tokens)
-    result["warmup_s"] = time.perf_counter() - warmup_start
-
+    result["warmup_s"] = _timed(lambda: [system.generate(long, 1), system.generate(short, 4)])
     new = spec["new_tokens"]
     result["ttft_s"] = _timed(lambda: system.generate(short, 1))
     result["prefill_tok_s"] = spec["prefill_len"] / _timed(lambda: system.generate(long, 1))
@@ -205,6 +208,11 @@ def worker(spec: dict) -> dict:
     result["decode_b1_tok_s"] = (new - 1) / decode_time
     result["decode_batch_tok_s"] = None
     if getattr(system, "batched", True):
+        if getattr(system, "sized", False):
+            del system
+            gc.collect()  # one build in memory at a time
+            system = system_class(spec, spec["batch"])
+        result["warmup_s"] += _timed(lambda: system.generate(batch, 4))
         batch_first = _timed(lambda: system.generate(batch, 1))
         batch_decode_time = _timed(lambda: system.generate(batch, new)) - batch_first
         result["decode_batch_tok_s"] = spec["batch"] * (new - 1) / batch_decode_time
