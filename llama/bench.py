@@ -4,11 +4,10 @@ repo's model next to transformers' LlamaForCausalLM on the same weights and dtyp
 Every measurement runs in a fresh worker process per system and repetition (so load time, process start to
 first token and peak RSS are those of a cold process), systems alternating A B A B. Each worker warms up
 before timing. Systems whose build takes a batch size (ours, llama-models) are built for one sequence, as the
-chat is, then built again for batches of N before the batch-N figure. Generation is greedy and always runs the
+chat is, and for the batch-N figure built for N in a second worker. Generation is greedy and always runs the
 full number of tokens (stop tokens are ignored). Prompts are random token ids with a fixed seed.
 """
 
-import gc
 import importlib.util
 import json
 import os
@@ -182,7 +181,8 @@ SYSTEM_CLASSES = {"ours": _Ours, "transformers": _Transformers, "llama-models": 
 
 
 def worker(spec: dict) -> dict:
-    """Load one system in this (fresh) process and time it as `spec` says."""
+    """Load one system in this (fresh) process and time it as `spec` says; with `batch_only`, only the batch-N
+    figure, built for N (see run_system)."""
     torch.set_num_threads(spec["threads"])
     gen = torch.Generator().manual_seed(0)
     vocab = spec["vocab_size"]
@@ -190,34 +190,46 @@ def worker(spec: dict) -> dict:
     def prompts(batch: int, length: int) -> List[List[int]]:
         return torch.randint(0, vocab, (batch, length), generator=gen).tolist()
 
-    short = prompts(1, spec["prompt_len"])
-    start_rss_mb = memory_mib("VmRSS")  # Python, torch and this repo imported
-    start = time.perf_counter()
-    system_class = SYSTEM_CLASSES[parse_system(spec["system"])[0]]
-    system = system_class(spec, 1)
-    result = {"load_s": time.perf_counter() - start}
-    system.generate(short, 1)
-    result["start_to_first_token_s"] = time.time() - spec["launch_time"]
-
-    long, batch = prompts(1, spec["prefill_len"]), prompts(spec["batch"], spec["prompt_len"])
-    result["warmup_s"] = _timed(lambda: [system.generate(long, 1), system.generate(short, 4)])
+    short, batch = prompts(1, spec["prompt_len"]), prompts(spec["batch"], spec["prompt_len"])
     new = spec["new_tokens"]
-    result["ttft_s"] = _timed(lambda: system.generate(short, 1))
-    result["prefill_tok_s"] = spec["prefill_len"] / _timed(lambda: system.generate(long, 1))
-    decode_time = _timed(lambda: system.generate(short, new)) - result["ttft_s"]
-    result["decode_b1_tok_s"] = (new - 1) / decode_time
-    result["decode_batch_tok_s"] = None
-    if getattr(system, "batched", True):
-        if getattr(system, "sized", False):
-            del system
-            gc.collect()  # one build in memory at a time
-            system = system_class(spec, spec["batch"])
-        result["warmup_s"] += _timed(lambda: system.generate(batch, 4))
+    start_rss_mb = memory_mib("VmRSS")  # Python, torch and this repo imported
+    system_class = SYSTEM_CLASSES[parse_system(spec["system"])[0]]
+    sized = getattr(system_class, "sized", False)
+    if spec["batch_only"]:
+        system, result = system_class(spec, spec["batch"]), {}
+    else:
+        start = time.perf_counter()
+        system = system_class(spec, 1 if sized else spec["batch"])
+        result = {"load_s": time.perf_counter() - start}
+        system.generate(short, 1)
+        result["start_to_first_token_s"] = time.time() - spec["launch_time"]
+        long = prompts(1, spec["prefill_len"])
+        result["warmup_s"] = _timed(lambda: [system.generate(long, 1), system.generate(short, 4)])
+        result["ttft_s"] = _timed(lambda: system.generate(short, 1))
+        result["prefill_tok_s"] = spec["prefill_len"] / _timed(lambda: system.generate(long, 1))
+        decode_time = _timed(lambda: system.generate(short, new)) - result["ttft_s"]
+        result["decode_b1_tok_s"] = (new - 1) / decode_time
+        result["decode_batch_tok_s"] = None
+    if spec["batch_only"] or (not sized and getattr(system_class, "batched", True)):
+        result["warmup_s"] = result.get("warmup_s", 0.0) + _timed(lambda: system.generate(batch, 4))
         batch_first = _timed(lambda: system.generate(batch, 1))
         batch_decode_time = _timed(lambda: system.generate(batch, new)) - batch_first
         result["decode_batch_tok_s"] = spec["batch"] * (new - 1) / batch_decode_time
     result["peak_rss_mb"] = memory_mib("VmHWM")
     result["rss_growth_mb"] = result["peak_rss_mb"] - start_rss_mb
+    return result
+
+
+def run_system(spec: dict) -> dict:
+    """The measurements of `spec["system"]`: one worker process, or two for a system built for a batch size (one
+    sequence, then batches of N), whose warm-ups add up and whose peak memory is the larger."""
+    result = run_worker({**spec, "batch_only": False})
+    if getattr(SYSTEM_CLASSES[parse_system(spec["system"])[0]], "sized", False):
+        batch = run_worker({**spec, "batch_only": True})
+        result["warmup_s"] += batch["warmup_s"]
+        result["decode_batch_tok_s"] = batch["decode_batch_tok_s"]
+        for key in ("peak_rss_mb", "rss_growth_mb"):
+            result[key] = max(result[key], batch[key])
     return result
 
 
@@ -363,7 +375,7 @@ def bench(
         spec["gguf_paths"] = {system: paths[file_type] for system, file_type in gguf_types.items()}
         for rep in range(reps):
             for system in systems:
-                runs[system].append(run_worker({**spec, "system": system}))
+                runs[system].append(run_system({**spec, "system": system}))
                 measured = ", ".join(f"{k} {v:.3g}" for k, v in runs[system][-1].items() if v is not None)
                 print(f"rep {rep + 1}/{reps} {system}: {measured}", file=sys.stderr)
     report = {
