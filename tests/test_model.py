@@ -74,6 +74,8 @@ def test_logits_match_transformers(tmp_path, monkeypatch, overrides, blocked):
     incremental = [ours.model.forward(tokens[:, :24], 0), ours.model.forward(tokens[:, 24:30], 24)]
     incremental += [ours.model.forward(tokens[:, pos : pos + 1], pos) for pos in range(30, 40)]
     torch.testing.assert_close(torch.cat(incremental, dim=1), expected, atol=1e-4, rtol=0)
+    one_token = [ours.model.forward(tokens[:1, pos : pos + 1], pos) for pos in range(2)]  # a one-token prompt
+    torch.testing.assert_close(torch.cat(one_token, dim=1), expected_one_token, atol=1e-4, rtol=0)
 
 
 def test_greedy_generation_matches_transformers(tiny_ckpt, tiny_state, tokenizer):
