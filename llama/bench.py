@@ -180,6 +180,11 @@ class _LlamaCpp:
 SYSTEM_CLASSES = {"ours": _Ours, "transformers": _Transformers, "llama-models": _LlamaModels, "llama.cpp": _LlamaCpp}
 
 
+def _is_sized(system: str) -> bool:
+    """Whether `system`'s build takes a batch size (measured by two workers, see run_system)."""
+    return getattr(SYSTEM_CLASSES[parse_system(system)[0]], "sized", False)
+
+
 def worker(spec: dict) -> dict:
     """Load one system in this (fresh) process and time it as `spec` says; with `batch_only`, only the batch-N
     figure, built for N (see run_system)."""
@@ -193,8 +198,7 @@ def worker(spec: dict) -> dict:
     short, batch = prompts(1, spec["prompt_len"]), prompts(spec["batch"], spec["prompt_len"])
     new = spec["new_tokens"]
     start_rss_mb = memory_mib("VmRSS")  # Python, torch and this repo imported
-    system_class = SYSTEM_CLASSES[parse_system(spec["system"])[0]]
-    sized = getattr(system_class, "sized", False)
+    system_class, sized = SYSTEM_CLASSES[parse_system(spec["system"])[0]], _is_sized(spec["system"])
     long = prompts(1, spec["prefill_len"])
     if spec["batch_only"]:
         system, result = system_class(spec, spec["batch"]), {}
@@ -225,7 +229,7 @@ def run_system(spec: dict) -> dict:
     """The measurements of `spec["system"]`: one worker process, or two for a system built for a batch size (one
     sequence, then batches of N), whose warm-ups add up and whose peak memory is the larger."""
     result = run_worker({**spec, "batch_only": False})
-    if getattr(SYSTEM_CLASSES[parse_system(spec["system"])[0]], "sized", False):
+    if _is_sized(spec["system"]):
         batch = run_worker({**spec, "batch_only": True})
         result["warmup_s"] += batch["warmup_s"]
         result["decode_batch_tok_s"] = batch["decode_batch_tok_s"]
