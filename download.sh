@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download Llama 3 / Llama 3.1 weights with the presigned URL Meta sends by email.
+# Download Llama 3, 3.1, 3.2 (1B, 3B) and 3.3 weights with the presigned URL Meta sends by email.
 #
 # Interactive:      bash download.sh
 # Non-interactive:  PRESIGNED_URL='https://...' MODEL_SIZE=8B,70B-instruct bash download.sh
@@ -17,7 +17,9 @@
 # Model names (case-insensitive):
 #   Llama 3:    8B, 8B-instruct, 70B, 70B-instruct
 #   Llama 3.1:  3.1-8B, 3.1-8B-instruct, 3.1-70B, 3.1-70B-instruct
-#   or the full folder name, e.g. Meta-Llama-3-8B-Instruct, Meta-Llama-3.1-70B.
+#   Llama 3.2:  3.2-1B, 3.2-1B-instruct, 3.2-3B, 3.2-3B-instruct (text models)
+#   Llama 3.3:  3.3-70B-instruct
+#   or the full folder name, e.g. Meta-Llama-3-8B-Instruct, Meta-Llama-3.1-70B, Llama-3.2-1B-Instruct.
 #
 # The presigned URL is a secret: this script never echoes or logs it.
 # Written to work with bash 3.2 (macOS) as well as current bash.
@@ -25,8 +27,10 @@
 set -euo pipefail
 
 ALL_MODELS="Meta-Llama-3-8B Meta-Llama-3-8B-Instruct Meta-Llama-3-70B Meta-Llama-3-70B-Instruct \
-Meta-Llama-3.1-8B Meta-Llama-3.1-8B-Instruct Meta-Llama-3.1-70B Meta-Llama-3.1-70B-Instruct"
-SUPPORTED_NAMES="8B, 8B-instruct, 70B, 70B-instruct, 3.1-8B, 3.1-8B-instruct, 3.1-70B, 3.1-70B-instruct"
+Meta-Llama-3.1-8B Meta-Llama-3.1-8B-Instruct Meta-Llama-3.1-70B Meta-Llama-3.1-70B-Instruct \
+Llama-3.2-1B Llama-3.2-1B-Instruct Llama-3.2-3B Llama-3.2-3B-Instruct Llama-3.3-70B-Instruct"
+SUPPORTED_NAMES="8B, 8B-instruct, 70B, 70B-instruct, 3.1-8B, 3.1-8B-instruct, 3.1-70B, 3.1-70B-instruct, \
+3.2-1B, 3.2-1B-instruct, 3.2-3B, 3.2-3B-instruct, 3.3-70B-instruct"
 
 die() {
     printf 'ERROR: %s\n' "$*" >&2
@@ -38,6 +42,7 @@ resolve_model() {
     local key
     key=$(printf '%s' "$1" | tr '[:upper:]' '[:lower:]')
     key=${key#meta-llama-}
+    key=${key#llama-}
     case $key in
         8b | 3-8b) echo "Meta-Llama-3-8B" ;;
         8b-instruct | 3-8b-instruct) echo "Meta-Llama-3-8B-Instruct" ;;
@@ -47,6 +52,11 @@ resolve_model() {
         3.1-8b-instruct) echo "Meta-Llama-3.1-8B-Instruct" ;;
         3.1-70b) echo "Meta-Llama-3.1-70B" ;;
         3.1-70b-instruct) echo "Meta-Llama-3.1-70B-Instruct" ;;
+        3.2-1b) echo "Llama-3.2-1B" ;;
+        3.2-1b-instruct) echo "Llama-3.2-1B-Instruct" ;;
+        3.2-3b) echo "Llama-3.2-3B" ;;
+        3.2-3b-instruct) echo "Llama-3.2-3B-Instruct" ;;
+        3.3-70b-instruct) echo "Llama-3.3-70B-Instruct" ;;
         *) return 1 ;;
     esac
 }
@@ -54,7 +64,7 @@ resolve_model() {
 # Number of consolidated.NN.pth shards for a model folder.
 shard_count() {
     case $1 in
-        *-8B | *-8B-Instruct) echo 1 ;;
+        *-1B | *-1B-Instruct | *-3B | *-3B-Instruct | *-8B | *-8B-Instruct) echo 1 ;;
         *-70B | *-70B-Instruct) echo 8 ;;
         *) die "internal error: no shard count for $1" ;;
     esac

@@ -8,6 +8,7 @@ chat is, and for the batch-N figure built for N in a second worker. Generation i
 full number of tokens (stop tokens are ignored). Prompts are random token ids with a fixed seed.
 """
 
+import importlib
 import importlib.util
 import json
 import os
@@ -53,14 +54,18 @@ SYSTEM_OPTIONS = {
     "llama-models": (),
     "llama.cpp": ("q8_0",),
 }
+# The package each peer system imports, and how to install it.
+SYSTEM_PACKAGES = {
+    "transformers": ("transformers", 'pip install -e ".[bench]"'),
+    "llama-models": ("llama_models", 'pip install -e ".[bench]"'),
+    "llama.cpp": ("llama_cpp", "pip install llama-cpp-python (it compiles llama.cpp)"),
+}
 # The GGUF file type llama.cpp runs for each dtype.
 GGUF_FILE_TYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
 def machine() -> dict:
     """CPU model, core count, instruction-set hints and library versions."""
-    import transformers
-
     cpu, flags = platform.processor() or "unknown", ""
     if Path("/proc/cpuinfo").is_file():
         info = Path("/proc/cpuinfo").read_text()
@@ -72,8 +77,16 @@ def machine() -> dict:
         "avx512_bf16": "avx512_bf16" in flags.split(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": _version("transformers"),
     }
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _version(module: str) -> Optional[str]:
+    return importlib.import_module(module).__version__ if _installed(module) else None
 
 
 def parse_system(name: str) -> Tuple[str, Optional[str]]:
@@ -348,10 +361,16 @@ def bench(
         systems = systems.split(",")
     for system in systems:
         parse_system(system)
-    if any(s.startswith("llama.cpp") for s in systems) and importlib.util.find_spec("llama_cpp") is None:
-        raise ValueError(
-            "the llama.cpp system needs llama-cpp-python: pip install llama-cpp-python (it compiles llama.cpp)"
-        )
+    for system in dict.fromkeys(parse_system(s)[0] for s in systems):  # checked before minutes of measuring
+        module, install = SYSTEM_PACKAGES.get(system, (None, None))
+        if module is not None and not _installed(module):
+            raise ValueError(f"the {system} system needs the {module} package: {install}, or leave it out of --systems")
+    no_plot = 'no plot: it needs matplotlib (pip install -e ".[bench]")'
+    if plot and not _installed("matplotlib"):
+        print(no_plot, file=sys.stderr)  # now, and again after the table
+        plot = None
+    else:
+        no_plot = None
     dtype_name = str(pick_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")  # a clear error if unknown
     gguf_types = {  # the GGUF file type each llama.cpp system runs
         s: parse_system(s)[1] or GGUF_FILE_TYPES.get(dtype_name) for s in systems if s.startswith("llama.cpp")
@@ -399,6 +418,8 @@ def bench(
         write_atomically(Path(out), lambda path: path.write_text(json.dumps(report, indent=2)))
     if plot:
         write_atomically(Path(plot), lambda path: write_plot(report, path))
+    elif no_plot:
+        print(no_plot, file=sys.stderr)
 
 
 def main() -> None:

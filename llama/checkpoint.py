@@ -6,6 +6,7 @@ a Meta checkpoint never has more shards than key/value heads; ranks beyond that 
 """
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -26,6 +27,9 @@ IGNORED_KEYS = {"rope.freqs"}
 QUANTIZATION_FILE = "quantization.json"
 QUANTIZED_METHODS = ("int8",)
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
+# The output projection, which a checkpoint may leave out (tied: the model uses the embedding matrix).
+OUTPUT_KEY = "output.weight"
+EMBEDDING_KEY = "tok_embeddings.weight"
 
 COPY_BLOCK_BYTES = 32 << 20
 
@@ -148,6 +152,19 @@ def _copy_releasing(dst: torch.Tensor, src: torch.Tensor) -> None:
         release_pages(src[row : row + rows])
 
 
+def _equal_releasing(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch.equal(a, b) in blocks of rows, releasing each block of `a` (memory-mapped) once compared."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    rows = max(1, COPY_BLOCK_BYTES // max(a[0].numel() * a.element_size(), 1))
+    for row in range(0, a.shape[0], rows):
+        equal = torch.equal(a[row : row + rows], b[row : row + rows])
+        release_pages(a[row : row + rows])
+        if not equal:
+            return False
+    return True
+
+
 class ShardedCheckpoint:
     """The memory-mapped shards of a Meta checkpoint, checked against its params and readable slice by slice."""
 
@@ -158,9 +175,22 @@ class ShardedCheckpoint:
         self.shards = [self._load(path) for path in self.paths]
         self.quantization = read_quantization(self.ckpt_dir)
         self.layout = parameter_layout(args, quantized=self.quantization is not None)
+        # No output.weight in any shard: the output projection is the embedding (quantized ones always have one).
+        self.output_absent = not self.quantization and all(OUTPUT_KEY not in shard for shard in self.shards)
+        self.stored_keys = [key for key in self.layout if not (self.output_absent and key == OUTPUT_KEY)]
         self._check_keys()
-        for key in self.layout:
+        for key in self.stored_keys:
             self._check_shapes(key)
+
+    @functools.cached_property
+    def tied_output(self) -> bool:
+        """Whether the output projection is the embedding matrix: left out of the shards, or equal to it in every
+        one (as in Meta's Llama 3.2 1B and 3B files). A model then holds the matrix once."""
+        if self.output_absent:
+            return True
+        return not self.quantization and all(
+            _equal_releasing(shard[OUTPUT_KEY], shard[EMBEDDING_KEY]) for shard in self.shards
+        )
 
     @property
     def num_shards(self) -> int:
@@ -180,7 +210,7 @@ class ShardedCheckpoint:
         return state
 
     def _check_keys(self) -> None:
-        expected = set(self.layout)
+        expected = set(self.stored_keys)
         for path, shard in zip(self.paths, self.shards):
             keys = set(shard) - IGNORED_KEYS
             missing, unexpected = sorted(expected - keys), sorted(keys - expected)
@@ -215,6 +245,8 @@ class ShardedCheckpoint:
         anything else is copied in blocks whose shard pages are released right after, so resident memory
         grows by about the part's size.
         """
+        if key == OUTPUT_KEY and self.output_absent:
+            key = EMBEDDING_KEY  # the same shape and split
         full_shape, dim = self.layout[key]
         if dim is None:
             parts, dim, shape = [self.shards[0][key]], 0, list(full_shape)
@@ -241,8 +273,14 @@ class ShardedCheckpoint:
     def rank_state_dict(
         self, rank: int, world_size: int, dtype: torch.dtype, device: torch.device
     ) -> Dict[str, torch.Tensor]:
-        """Every parameter's part for `rank` of `world_size`."""
-        return {key: self.read(key, rank, world_size, dtype, device) for key in self.layout}
+        """Every parameter's part for `rank` of `world_size`; a tied output projection is the embedding's tensor."""
+        state = {}
+        for key in self.layout:
+            if key == OUTPUT_KEY and self.tied_output:
+                state[key] = state[EMBEDDING_KEY]  # both split by vocabulary rows: the same part on every rank
+            else:
+                state[key] = self.read(key, rank, world_size, dtype, device)
+        return state
 
 
 def md5sum(path: Path) -> str:

@@ -7,7 +7,6 @@ GGUF keeps query/key rows in Meta's interleaved RoPE layout, so weights go as th
 GPT-2 style byte-level tokens and merges. Norm weights and Llama 3.1's RoPE factors are always F32.
 """
 
-import dataclasses
 from pathlib import Path
 from typing import Dict, Union
 
@@ -18,7 +17,7 @@ from tiktoken.load import load_tiktoken_bpe
 from tqdm import tqdm
 
 from .bpe import PRETOKENIZER_PATTERNS, byte_level_text, merges_for_ranks
-from .checkpoint import CheckpointError, write_atomically
+from .checkpoint import OUTPUT_KEY, CheckpointError, write_atomically
 from .gguf_import import ARCHITECTURE, CONTROL_TOKEN, GLOBAL_TENSORS, LAYER_TENSORS, ROPE_FREQS_TENSOR
 from .hf import CONTEXT_LENGTH, chat_template, export_source
 from .model import ModelArgs, rope_frequencies
@@ -102,6 +101,9 @@ def export_gguf(ckpt_dir: Union[str, Path], out_path: Union[str, Path], file_typ
     if args.dim % block or args.ffn_hidden_dim % block:
         raise CheckpointError(f"{file_type} needs rows whose length divides by {block}: use --file_type f16")
 
+    # A tied output projection is left out: llama.cpp then uses the embedding matrix, as this repo does.
+    layout = {key: value for key, value in checkpoint.layout.items() if not (checkpoint.tied_output and key == OUTPUT_KEY)}
+
     def read(key: str) -> torch.Tensor:
         return checkpoint.read(key, 0, 1, torch.float32, torch.device("cpu"))
 
@@ -111,11 +113,10 @@ def export_gguf(ckpt_dir: Union[str, Path], out_path: Union[str, Path], file_typ
         _add_tokenizer(writer, ckpt_dir / "tokenizer.model", tokenizer)
         extra: Dict[str, torch.Tensor] = {}
         if args.use_scaled_rope:  # llama.cpp divides each frequency by its factor
-            unscaled = rope_frequencies(dataclasses.replace(args, use_scaled_rope=False))
-            extra[ROPE_FREQS_TENSOR] = unscaled / rope_frequencies(args)
+            extra[ROPE_FREQS_TENSOR] = rope_frequencies(args, scaled=False) / rope_frequencies(args)
         for name, tensor in extra.items():
             writer.add_tensor_info(name, tensor.shape, np.dtype(np.float32), tensor.numel() * 4)
-        for key, (shape, _) in checkpoint.layout.items():
+        for key, (shape, _) in layout.items():
             sample = _encoded(torch.zeros(1, *shape[1:]) if len(shape) > 1 else torch.zeros(shape), qtype)
             byte_shape = (shape[0], *sample.shape[1:]) if len(shape) > 1 else sample.shape
             nbytes = sample.nbytes * (shape[0] if len(shape) > 1 else 1)
@@ -126,7 +127,7 @@ def export_gguf(ckpt_dir: Union[str, Path], out_path: Union[str, Path], file_typ
         writer.write_ti_data_to_file()
         for tensor in extra.values():
             writer.write_tensor_data(tensor.float().numpy())
-        for key in tqdm(checkpoint.layout, desc="exporting", unit="tensor"):
+        for key in tqdm(layout, desc="exporting", unit="tensor"):
             writer.write_tensor_data(_encoded(read(key), qtype))
         writer.close()
 

@@ -7,6 +7,7 @@ GGUF stores query/key rows in Meta's interleaved RoPE layout already, so every w
 """
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from .bpe import pretokenizer_pattern, ranks_from_byte_level_vocab, write_tokenizer
 from .chat_format import default_system_prompt
 from .checkpoint import CheckpointError, parameter_layout, staged_directory
-from .model import ModelArgs, ffn_params, rope_frequencies
+from .model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs, ffn_params, rope_frequencies
 from .parallel import pick_dtype
 from .tokenizer import SPEC_FILE, Tokenizer, TokenizerSpec
 
@@ -98,7 +99,9 @@ def model_params(model: GGUFFile) -> Dict[str, object]:
         raise CheckpointError(f"{model.path} is a mixture-of-experts model: only dense Llama models convert")
     scaling = model.get(f"{model.arch}.rope.scaling.type", "none")
     if scaling != "none":
-        raise CheckpointError(f"{model.path} uses {scaling!r} RoPE scaling: only Llama 3.1's scaling converts")
+        raise CheckpointError(
+            f"{model.path} uses {scaling!r} RoPE scaling: only llama3-type scaling (rope_freqs factors) converts"
+        )
     dim, n_heads = int(model.hparam("embedding_length")), int(model.hparam("attention.head_count"))
     params = {
         "dim": dim,
@@ -127,15 +130,35 @@ def model_params(model: GGUFFile) -> Dict[str, object]:
     return params
 
 
-def _check_llama31_scaling(model: GGUFFile, factors: np.ndarray, params: Dict[str, object]) -> None:
-    """Raise unless the `rope_freqs` factors (each frequency is divided by its factor) are Llama 3.1's scaling."""
-    unscaled = rope_frequencies(ModelArgs(**{**params, "use_scaled_rope": False}))
-    expected = (unscaled / rope_frequencies(ModelArgs(**{**params, "use_scaled_rope": True}))).numpy()
-    if factors.shape != expected.shape or not np.allclose(factors, expected, rtol=ROPE_FACTORS_RTOL):
-        raise CheckpointError(
-            f"{model.path} has RoPE frequency factors ({ROPE_FREQS_TENSOR}) other than Llama 3.1's scaling: "
-            f"this model cannot convert to a Meta checkpoint"
-        )
+def _rope_scaling(model: GGUFFile, factors: np.ndarray, params: Dict[str, object]) -> Dict[str, object]:
+    """The llama3-type RoPE scaling (see ModelArgs) whose `rope_freqs` factors (each frequency is divided by its
+    factor) are `factors`; an error for any other. The factors fix the scaling's wavelengths, not the original
+    context they are measured in: the scaling keeps Meta's 8192 and derives the frequency factors for it."""
+    unscaled = rope_frequencies(ModelArgs(**params)).double().numpy()
+    factor = _float32_value(float(factors.max()))
+    candidates = [(ROPE_LOW_FREQ_FACTOR, ROPE_HIGH_FREQ_FACTOR)]
+    # Between the two wavelengths 1/f = (1 - s)/factor + s, where s = context/(2 pi (high - low)) freq - low/(high - low).
+    between = (factors > 1 + ROPE_FACTORS_RTOL) & (factors < factor * (1 - ROPE_FACTORS_RTOL))
+    if factor > 1 and between.sum() >= 2:
+        smooth = (1 / factors[between] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(unscaled[between], smooth, 1)
+        width = ROPE_ORIGINAL_CONTEXT / (2 * math.pi * slope)
+        candidates.append((round(-intercept * width, 4), round((1 - intercept) * width, 4)))
+    for low, high in candidates:
+        scaling = {
+            "use_scaled_rope": True, "rope_scaling_factor": factor, "rope_low_freq_factor": low,
+            "rope_high_freq_factor": high, "rope_original_context": ROPE_ORIGINAL_CONTEXT,
+        }
+        try:
+            expected = unscaled / rope_frequencies(ModelArgs(**{**params, **scaling})).double().numpy()
+        except ValueError:
+            continue
+        if factors.shape == expected.shape and np.allclose(factors, expected, rtol=ROPE_FACTORS_RTOL):
+            return scaling
+    raise CheckpointError(
+        f"{model.path} has RoPE frequency factors ({ROPE_FREQS_TENSOR}) other than a llama3-type scaling "
+        f"(Llama 3.1 to 3.3's): this model cannot convert to a Meta checkpoint"
+    )
 
 
 def _dequantized(tensor: "gguf.ReaderTensor") -> torch.Tensor:
@@ -164,12 +187,11 @@ def meta_name(gguf_name: str) -> Optional[str]:
 
 
 def read_weights(model: GGUFFile, params: Dict[str, object], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """Every weight in Meta's names, dequantized and cast to `dtype`; sets params["use_scaled_rope"]."""
+    """Every weight in Meta's names, dequantized and cast to `dtype`; adds the RoPE scaling to `params`."""
     state: Dict[str, torch.Tensor] = {}
     for tensor in tqdm(model.reader.tensors, desc="dequantizing", unit="tensor"):
         if tensor.name == ROPE_FREQS_TENSOR:
-            _check_llama31_scaling(model, _dequantized(tensor).numpy(), params)
-            params["use_scaled_rope"] = True
+            params.update(_rope_scaling(model, _dequantized(tensor).numpy(), params))
             continue
         name = meta_name(tensor.name)
         if name is None:

@@ -27,7 +27,9 @@ from tokenizers import decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
 from .bpe import PRETOKENIZER_PATTERNS, byte_level_text, merges_for_ranks, ranks_from_byte_level_vocab, write_tokenizer
-from .checkpoint import CheckpointError, ShardedCheckpoint, parameter_layout, read_params, staged_directory
+from .checkpoint import (
+    OUTPUT_KEY, CheckpointError, ShardedCheckpoint, parameter_layout, read_params, staged_directory,
+)
 from .chat_format import default_system_prompt
 from .model import (
     ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ROPE_SCALE_FACTOR, ModelArgs, ffn_params,
@@ -51,7 +53,7 @@ META_TO_HF_NAMES = {
     "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
 }
 
-# Llama 3.1's RoPE scaling as Hugging Face writes it; the only scaling the model implements.
+# Llama 3.1's RoPE scaling as Hugging Face writes it (rope_type llama3, the only type the model implements).
 LLAMA3_ROPE_SCALING = {
     "factor": ROPE_SCALE_FACTOR,
     "low_freq_factor": ROPE_LOW_FREQ_FACTOR,
@@ -86,8 +88,9 @@ def halves_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.view(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def hf_config(args: ModelArgs) -> dict:
-    """A LlamaForCausalLM `config.json` for the model `args` describes."""
+def hf_config(args: ModelArgs, tied: bool = False) -> dict:
+    """A LlamaForCausalLM `config.json` for the model `args` describes (`tied`: its output projection is the
+    embedding matrix)."""
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -102,13 +105,19 @@ def hf_config(args: ModelArgs) -> dict:
         "rope_theta": args.rope_theta,
         "max_position_embeddings": args.max_seq_len,
         "hidden_act": "silu",
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tied,
         "attention_bias": False,
         "mlp_bias": False,
         "torch_dtype": "bfloat16",
     }
     if args.use_scaled_rope:
-        config["rope_scaling"] = {"rope_type": "llama3", **LLAMA3_ROPE_SCALING}
+        config["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": args.rope_scaling_factor,
+            "low_freq_factor": args.rope_low_freq_factor,
+            "high_freq_factor": args.rope_high_freq_factor,
+            "original_max_position_embeddings": args.rope_original_context,
+        }
     return config
 
 
@@ -151,18 +160,27 @@ def _read_json(path: Path, what_to_do: str) -> dict:
     return data
 
 
-def _rope_is_scaled(config: dict) -> bool:
-    """Whether a Hugging Face config asks for Llama 3.1's RoPE scaling; an error for any other scaling."""
+def _rope_scaling_params(config: dict) -> dict:
+    """The params.json RoPE scaling keys for a Hugging Face config's scaling: none, or any llama3-type scaling
+    (Llama 3.1's, 3.2's factor 32, ...); an error for any other type."""
     rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
-        return False
-    if kind == "llama3" and all(rope.get(k) == v for k, v in LLAMA3_ROPE_SCALING.items()):
-        return True
-    wanted = ", ".join(f"{k} {v}" for k, v in LLAMA3_ROPE_SCALING.items())
-    raise CheckpointError(
-        f"RoPE scaling {json.dumps(rope)} is not supported: only none or Llama 3.1's (rope_type llama3, {wanted}) is"
-    )
+        return {}
+    if kind != "llama3":
+        raise CheckpointError(
+            f"RoPE scaling {json.dumps(rope)} is not supported: only none or rope_type llama3 (Llama 3.1 to 3.3's) is"
+        )
+    missing = [key for key in LLAMA3_ROPE_SCALING if not isinstance(rope.get(key), (int, float))]
+    if missing:
+        raise CheckpointError(f"config.json's llama3 RoPE scaling lacks {', '.join(missing)}: use the model's original config.json")
+    return {
+        "use_scaled_rope": True,
+        "rope_scaling_factor": float(rope["factor"]),
+        "rope_low_freq_factor": float(rope["low_freq_factor"]),
+        "rope_high_freq_factor": float(rope["high_freq_factor"]),
+        "rope_original_context": int(rope["original_max_position_embeddings"]),
+    }
 
 
 def meta_params(config: dict) -> dict:
@@ -199,10 +217,12 @@ def meta_params(config: dict) -> dict:
         **ffn_params(dim, config["intermediate_size"]),
         "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
         "rope_theta": float(config.get("rope_theta", rope.get("rope_theta", 10000.0))),
+        **_rope_scaling_params(config),
     }
-    if _rope_is_scaled(config):
-        params["use_scaled_rope"] = True
-    ModelArgs(**params)  # checks head counts
+    try:
+        ModelArgs(**params)  # checks head counts and the scaling
+    except ValueError as e:
+        raise CheckpointError(str(e).replace("params.json", "config.json")) from None
     return dict(sorted(params.items()))
 
 
@@ -542,13 +562,15 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None, max_shar
     tokenizer_path = ckpt_dir / "tokenizer.model"
     target = checkpoint.shards[0]["tok_embeddings.weight"].dtype if dtype is None else pick_dtype(dtype, torch.device("cpu"))
     eos_ids = sorted(tokenizer.stop_tokens)
+    tied = checkpoint.tied_output
     config = {
-        **hf_config(args),
+        **hf_config(args, tied),
         "torch_dtype": str(target).removeprefix("torch."),
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": tokenizer.eos_id,
     }
-    groups = _shard_plan({key: shape for key, (shape, _) in checkpoint.layout.items()}, target.itemsize, max_shard_bytes)
+    shapes = {key: shape for key, (shape, _) in checkpoint.layout.items() if not (tied and key == OUTPUT_KEY)}
+    groups = _shard_plan(shapes, target.itemsize, max_shard_bytes)
     files = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     if len(files) == 1:
         files = ["model.safetensors"]
@@ -558,7 +580,7 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None, max_shar
         generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos_ids if len(eos_ids) > 1 else eos_ids[0]}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
         hf_tokenizer_files(tokenizer_path, tokenizer.spec, staging, args.max_seq_len)
-        with tqdm(total=len(checkpoint.layout), desc="exporting", unit="tensor") as progress:
+        with tqdm(total=len(shapes), desc="exporting", unit="tensor") as progress:
             for group, file in zip(groups, files):
                 tensors = {}
                 for key in group:
@@ -568,7 +590,7 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None, max_shar
                 save_file({name: t.contiguous() for name, t in tensors.items()}, staging / file, metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(tensors, file))
         if len(files) > 1:
-            total = sum(math.prod(shape) * target.itemsize for shape, _ in checkpoint.layout.values())
+            total = sum(math.prod(shape) * target.itemsize for shape in shapes.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return out_dir

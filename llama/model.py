@@ -22,11 +22,15 @@ from torch import nn
 
 from .pages import keep_pages_small
 
-# Llama 3.1 RoPE scaling constants.
+# Llama 3.1's RoPE scaling, the default for `use_scaled_rope`.
 ROPE_SCALE_FACTOR = 8.0
 ROPE_LOW_FREQ_FACTOR = 1.0
 ROPE_HIGH_FREQ_FACTOR = 4.0
 ROPE_ORIGINAL_CONTEXT = 8192
+# Llama 3.2 1B and 3B, by (dim, n_layers): their RoPE scaling factor is 32, though their params.json says only
+# `use_scaled_rope` and Meta's reference code applies 8 to every model (Meta confirmed 32 for these two).
+LLAMA_3_2_SMALL_SHAPES = {(2048, 16), (3072, 28)}
+LLAMA_3_2_SMALL_ROPE_SCALE_FACTOR = 32.0
 
 
 @dataclass
@@ -41,6 +45,11 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     use_scaled_rope: bool = False
+    # Llama 3.1-style RoPE scaling, with use_scaled_rope. No factor: 32 for Llama 3.2 1B/3B's shapes, else 8.
+    rope_scaling_factor: Optional[float] = None
+    rope_low_freq_factor: float = ROPE_LOW_FREQ_FACTOR
+    rope_high_freq_factor: float = ROPE_HIGH_FREQ_FACTOR
+    rope_original_context: int = ROPE_ORIGINAL_CONTEXT
     max_batch_size: int = 32
     max_seq_len: int = 2048
 
@@ -52,6 +61,30 @@ class ModelArgs:
                 f"params.json is inconsistent: dim {self.dim} must divide by n_heads {self.n_heads}, "
                 f"and n_heads by n_kv_heads {self.n_kv_heads}"
             )
+        if self.use_scaled_rope and self.rope_scaling_factor is None:
+            small = (self.dim, self.n_layers) in LLAMA_3_2_SMALL_SHAPES
+            self.rope_scaling_factor = LLAMA_3_2_SMALL_ROPE_SCALE_FACTOR if small else ROPE_SCALE_FACTOR
+        if not self.use_scaled_rope and self.rope_scaling_factor is not None:
+            raise ValueError("params.json sets rope_scaling_factor without use_scaled_rope: add \"use_scaled_rope\": true")
+        if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor or self.rope_original_context < 1 or (
+            self.use_scaled_rope and not self.rope_scaling_factor > 0
+        ):
+            raise ValueError(
+                f"params.json has invalid RoPE scaling (factor {self.rope_scaling_factor}, low/high frequency factors "
+                f"{self.rope_low_freq_factor}/{self.rope_high_freq_factor}, original context "
+                f"{self.rope_original_context}): the factor must be positive and 0 < low < high"
+            )
+
+    def rope_scaling(self) -> dict:
+        """The RoPE scaling keys of params.json, explicit (as conversions write them); {} without scaling."""
+        if not self.use_scaled_rope:
+            return {}
+        return {
+            "rope_scaling_factor": self.rope_scaling_factor,
+            "rope_low_freq_factor": self.rope_low_freq_factor,
+            "rope_high_freq_factor": self.rope_high_freq_factor,
+            "rope_original_context": self.rope_original_context,
+        }
 
     @property
     def head_dim(self) -> int:
@@ -129,20 +162,22 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_frequencies(args: ModelArgs) -> torch.Tensor:
-    """Rotation frequency of each pair of a head's dimensions, with Llama 3.1 scaling if asked for."""
+def rope_frequencies(args: ModelArgs, *, scaled: bool = True) -> torch.Tensor:
+    """Rotation frequency of each pair of a head's dimensions, with args' Llama 3.1-style scaling if it asks for it
+    (and `scaled`): low frequencies divided by the factor, high ones kept, those between blended."""
     head_dim = args.head_dim
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-    if not args.use_scaled_rope:
+    if not (args.use_scaled_rope and scaled):
         return freqs
-    low_freq_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_LOW_FREQ_FACTOR
-    high_freq_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_HIGH_FREQ_FACTOR
+    factor, low, high, context = (
+        args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor, args.rope_original_context
+    )
     wavelen = 2 * math.pi / freqs
     # Between the two wavelengths, blend the scaled and unscaled frequency linearly in context/wavelength.
-    smooth = (ROPE_ORIGINAL_CONTEXT / wavelen - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
-    blended = (1 - smooth) * freqs / ROPE_SCALE_FACTOR + smooth * freqs
-    scaled = torch.where(wavelen > low_freq_wavelen, freqs / ROPE_SCALE_FACTOR, blended)
-    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    scaled_freqs = torch.where(wavelen > context / low, freqs / factor, blended)
+    return torch.where(wavelen < context / high, freqs, scaled_freqs)
 
 
 def rope_rotations(args: ModelArgs, length: int) -> torch.Tensor:
@@ -613,7 +648,9 @@ def skip_weight_init():
 
 
 class Transformer(nn.Module):
-    """Llama 3 decoder. Call `setup_caches` once the weights are in place, then `forward`."""
+    """Llama 3 decoder, used as Meta's: build, load_state_dict, forward(tokens, start_pos). The KV caches and RoPE
+    tables are made on the first forward, in the weights' dtype and on their device, unless `setup_caches` made
+    them first."""
 
     def __init__(self, params: ModelArgs):
         super().__init__()
@@ -648,7 +685,9 @@ class Transformer(nn.Module):
             kernel = None
         packed = []
         for module in self.fairscale_linear_layers():
-            if kernel is not None and kernel.fits(module.weight):
+            if module is self.output and self.output_is_tied():
+                as_rank_linear(module, DirectLinear)  # computes with the embedding matrix itself: held once
+            elif kernel is not None and kernel.fits(module.weight):
                 packed.append(module)
             else:
                 as_rank_linear(module, DirectLinear)  # same weight, still in use: nothing to release
@@ -710,12 +749,23 @@ class Transformer(nn.Module):
         fairscale linear layer, which must then compute with `weight` in its own way. `release`, if given, is
         called on every weight once it is no longer needed."""
         self.fuse_projections(release)
+        tied = self.output_is_tied()
         for module in self.fairscale_linear_layers():
             weight = module.weight.detach()
             del module.weight
             convert(module, weight)
-            if release is not None:
+            if release is not None and not (tied and module is self.output):  # the embedding is still in use
                 release(weight)
+
+    def output_is_tied(self) -> bool:
+        """Whether the output projection's weight is the embedding matrix itself (a tied checkpoint, loaded)."""
+        output, embedding = getattr(self.output, "weight", None), self.tok_embeddings.weight
+        return (
+            isinstance(output, torch.Tensor)
+            and not output.is_meta
+            and output.shape == embedding.shape
+            and output.data_ptr() == embedding.data_ptr()
+        )
 
     def fairscale_linear_layers(self) -> List[nn.Module]:
         """The bias-free fairscale linear layers not yet converted to another class."""
@@ -735,6 +785,9 @@ class Transformer(nn.Module):
         With `last_only`, only the last position's logits are computed: (bs, 1, vocab).
         """
         bsz, seqlen = tokens.shape
+        if self.rope is None:  # Meta's usage: caches made on the first forward
+            with torch.inference_mode(False):  # ordinary tensors, as setup_caches makes them
+                self.setup_caches(self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device)
         if start_pos + seqlen > self.params.max_seq_len:
             raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len {self.params.max_seq_len}")
         # A one-token prompt (position 0) stays eager: a table of length 1 would compile a graph of its own.

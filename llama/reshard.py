@@ -39,10 +39,10 @@ def reshard(ckpt_dir: str, out_dir: str, model_parallel_size: int) -> Path:
         for name in ("params.json", "tokenizer.model", SPEC_FILE, QUANTIZATION_FILE):
             if (ckpt_dir / name).is_file():
                 shutil.copyfile(ckpt_dir / name, staging / name)
-        with tqdm(total=model_parallel_size * len(checkpoint.layout), desc="resharding", unit="tensor") as progress:
+        with tqdm(total=model_parallel_size * len(checkpoint.stored_keys), desc="resharding", unit="tensor") as progress:
             for rank in range(model_parallel_size):
                 shard = {}
-                for key in checkpoint.layout:
+                for key in checkpoint.stored_keys:
                     source_dtype = checkpoint.shards[0][key].dtype
                     # clone: a slice must not drag its whole source storage into the file
                     part = checkpoint.read(key, rank, model_parallel_size, source_dtype, torch.device("cpu"))

@@ -37,10 +37,12 @@ LLAMA3_NAMED_SPECIAL_TOKENS = {
     10: "<|python_tag|>",
 }
 
-# tiktoken can be slow or fail on a single huge pre-token, so text is encoded in pieces.
+# Meta's cuts: text is encoded in chunks of this many characters, each cut again inside any run of more than
+# MAX_RUN_CHARS consecutive whitespace or non-whitespace characters (tiktoken is slow on a huge pre-token). The
+# pieces are encoded separately, so these cuts decide the ids: they are Meta's exactly.
 MAX_CHUNK_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
-_RUNS = re.compile(r"\s+|\S+")
+_RUNS = re.compile(r"\s+|\S+")  # re's \s is str.isspace, Meta's test
 
 
 @dataclass
@@ -108,26 +110,18 @@ def _special_token_names(num_reserved: int) -> List[str]:
 
 
 def split_for_encoding(s: str) -> Iterator[str]:
-    """Cut `s` into pieces tiktoken encodes quickly.
-
-    Chunks end only before a space that follows a non-space character: no pre-token spans such a
-    point, so encoding the chunks gives exactly the tokens of encoding `s` whole. Runs of more than
-    MAX_RUN_CHARS whitespace or non-whitespace characters are cut into slices of that size.
-    """
-    start = 0
-    for run in _RUNS.finditer(s):
-        begin, end = run.span()
-        if end - begin > MAX_RUN_CHARS:
-            if begin > start:
-                yield s[start:begin]
-            for i in range(begin, end, MAX_RUN_CHARS):
-                yield s[i : min(i + MAX_RUN_CHARS, end)]
-            start = end
-        elif begin - start >= MAX_CHUNK_CHARS and s[begin] == " " and begin > 0 and not s[begin - 1].isspace():
-            yield s[start:begin]
-            start = begin
-    if start < len(s) or not s:
-        yield s[start:]
+    """Cut `s` where Meta's Tokenizer.encode does: into chunks of MAX_CHUNK_CHARS characters, and each chunk
+    again every MAX_RUN_CHARS characters into any longer run of whitespace or non-whitespace (runs counted
+    afresh in every chunk)."""
+    for chunk_start in range(0, len(s), MAX_CHUNK_CHARS):
+        chunk = s[chunk_start : chunk_start + MAX_CHUNK_CHARS]
+        start = 0
+        for run in _RUNS.finditer(chunk):
+            begin, end = run.span()
+            for cut in range(begin + MAX_RUN_CHARS, end, MAX_RUN_CHARS):
+                yield chunk[start:cut]
+                start = cut
+        yield chunk[start:]
 
 
 class Tokenizer:

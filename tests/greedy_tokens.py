@@ -1,4 +1,6 @@
-"""Greedy tokens for a fixed batch of prompts, as JSON: `[torchrun ...] greedy_tokens.py CKPT_DIR OUT.json [QUANTIZE]`."""
+"""Greedy tokens for a fixed batch of prompts, as JSON: `[torchrun ...] greedy_tokens.py CKPT_DIR OUT.json [QUANTIZE]`.
+
+Each rank also writes OUT.json.tied.RANK: 1 if its output projection is the embedding matrix itself, else 0."""
 
 import json
 import os
@@ -15,7 +17,10 @@ def main(ckpt_dir: str, out_path: str, quantize: str = "") -> None:
     )
     prompt_tokens = [generator.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     tokens, _ = generator.generate(prompt_tokens, max_gen_len=16, temperature=0)
-    if int(os.environ.get("RANK", 0)) == 0:
+    rank = int(os.environ.get("RANK", 0))
+    with open(f"{out_path}.tied.{rank}", "w") as f:
+        f.write(str(int(generator.model.output_is_tied())))
+    if rank == 0:
         with open(out_path, "w") as f:
             json.dump(tokens, f)
 

@@ -49,3 +49,24 @@ def test_metrics_a_system_does_not_measure_stay_empty():
         "decode_b1_tok_s": {"median": 20.0, "min": 10.0, "max": 30.0},
         "decode_batch_tok_s": {"median": None, "min": None, "max": None},
     }
+
+
+def test_missing_packages_are_named_before_measuring(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    import llama.bench
+
+    installed = llama.bench._installed
+    monkeypatch.setattr(llama.bench, "_installed", lambda module: module != "llama_models" and installed(module))
+    with pytest.raises(ValueError, match=r"llama-models system needs the llama_models package: pip install"):
+        bench(ckpt_dir=str(tiny_ckpt), systems="ours,llama-models", reps=1, out=str(tmp_path / "b.json"))
+    assert not list(tmp_path.iterdir())
+
+    monkeypatch.setattr(llama.bench, "_installed", lambda module: module != "matplotlib" and installed(module))
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    bench(
+        ckpt_dir=str(tiny_ckpt), systems="ours", reps=1, prompt_len=3, new_tokens=3, prefill_len=6, batch=2,
+        out=str(out), plot=str(plot),
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
+    captured = capsys.readouterr()
+    assert "| decode, batch 1 (tok/s) |" in captured.out
+    assert captured.err.count('no plot: it needs matplotlib (pip install -e ".[bench]")') == 2

@@ -79,6 +79,31 @@ def test_quantized_checkpoint_loads_on_any_process_count(checkpoints, tmp_path, 
     assert greedy_tokens(quantized, tmp_path / "out.json", nproc) == expected
 
 
+@pytest.fixture(scope="module")
+def tied_checkpoints(tmp_path_factory):
+    """The kv2 model with its output projection tied to the embedding, in two shards: output.weight left out, or
+    stored equal to the embedding (as Meta's Llama 3.2 1B and 3B files do)."""
+    root = tmp_path_factory.mktemp("tied")
+    state = random_state_dict(TINY_PARAMS, seed=3)
+    state["output.weight"] = state["tok_embeddings.weight"]
+    without = {key: tensor for key, tensor in state.items() if key != "output.weight"}
+    return {
+        "absent": write_checkpoint(root / "absent", TINY_PARAMS, without, 2, torch.float32),
+        "equal": write_checkpoint(root / "equal", TINY_PARAMS, state, 2, torch.float32),
+    }
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 4], ids=["1proc", "2proc", "4proc-replicated-kv"])
+def test_tied_output_is_the_embedding_held_once_on_any_process_count(tied_checkpoints, checkpoints, tmp_path, nproc):
+    assert ShardedCheckpoint(tied_checkpoints["equal"], ModelArgs(**TINY_PARAMS)).tied_output
+    assert not ShardedCheckpoint(checkpoints["kv2", 2], ModelArgs(**TINY_PARAMS)).tied_output
+    expected = greedy_tokens(tied_checkpoints["equal"], tmp_path / "equal.json")
+    assert (tmp_path / "equal.json.tied.0").read_text() == "1"
+    assert greedy_tokens(tied_checkpoints["absent"], tmp_path / "absent.json", nproc) == expected
+    assert [(tmp_path / f"absent.json.tied.{rank}").read_text() for rank in range(nproc)] == ["1"] * nproc
+    assert expected != greedy_tokens(checkpoints["kv2", 2], tmp_path / "untied.json")  # the tie changes the model
+
+
 def test_multi_node_launch(checkpoints, reference, tmp_path):
     """Two torchrun launchers, one process each, rendezvous on 127.0.0.1 as two nodes would."""
     port = free_port()

@@ -195,6 +195,22 @@ def test_llama31_70b_downloads_eight_shards(remote, workdir, tmp_path):
     assert_no_secret(proc, remote, workdir, target)
 
 
+def test_llama32_and_llama33_download_with_their_shard_counts(remote, workdir, tmp_path):
+    small, large = remote.add_model("Llama-3.2-1B-Instruct"), remote.add_model("Llama-3.3-70B-Instruct", shards=8)
+    remote.add_model("Llama-3.2-3B")
+    target = tmp_path / "out"
+    proc = run_script(
+        workdir,
+        {"PRESIGNED_URL": remote.url, "MODEL_SIZE": "3.2-1B-instruct,Llama-3.2-3B,3.3-70B-Instruct", "TARGET_FOLDER": str(target)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_downloaded(target, {**small, **large})
+    for folder, shards in (("Llama-3.2-1B-Instruct", 1), ("Llama-3.2-3B", 1), ("Llama-3.3-70B-Instruct", 8)):
+        assert len(list((target / folder).glob("consolidated.*.pth"))) == shards, folder
+        assert f"{folder}: all checksums OK" in proc.stdout
+    assert_no_secret(proc, remote, workdir, target)
+
+
 def test_checksum_mismatch_fails_and_names_file(remote, workdir, tmp_path):
     remote.add_model("Meta-Llama-3-8B", corrupt="consolidated.00.pth")
     target = tmp_path / "out"

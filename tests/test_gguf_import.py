@@ -24,6 +24,7 @@ from llama.checkpoint import CheckpointError
 from llama.demo import demo_gguf_path
 from llama.gguf_import import convert_gguf
 from llama.hf import interleaved_to_halves
+from llama.model import rope_frequencies
 from llama.tokenizer import Tokenizer
 
 REPO = Path(__file__).parents[1]
@@ -209,17 +210,36 @@ def test_tokenizer_spec_and_encoding_match_hf(tmp_path):
     assert TOKENS.index("Ġthe") in tokenizer.encode(text, bos=False, eos=False)
 
 
-def llama31_rope_factors() -> np.ndarray:
-    """Each frequency's divisor under Llama 3.1 scaling, from transformers' llama3 RoPE."""
+LLAMA31_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def llama3_scaled_frequencies(**scaling) -> torch.Tensor:
+    """transformers' llama3-type RoPE frequencies for this file's head size, Llama 3.1's scaling by default."""
     config = LlamaConfig(
         hidden_size=DIM, num_attention_heads=HEADS, rope_theta=500000.0, max_position_embeddings=131072,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-    )  # fmt: skip
-    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+        rope_scaling={"rope_type": "llama3", **LLAMA31_SCALING, **scaling},
+    )
+    return ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")[0].float()
+
+
+def llama31_rope_factors(**scaling) -> np.ndarray:
+    """Each frequency's divisor under Llama 3.1 scaling (or another llama3-type one), from transformers."""
     head_dim = DIM // HEADS
     base = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    return (base / scaled).float().numpy()
+    return (base / llama3_scaled_frequencies(**scaling)).float().numpy()
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [{"factor": 32.0}, {"factor": 16.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0}],
+    ids=["llama3.2", "other-wavelengths"],
+)
+def test_llama3_type_rope_factors_carry_their_scaling(tmp_path, scaling):
+    tensors = {**random_tensors(), "rope_freqs.weight": llama31_rope_factors(**scaling)}
+    ckpt = convert_gguf(write_gguf(tmp_path / "m.gguf", tensors=tensors), tmp_path / "out")
+    params = json.loads((ckpt / "params.json").read_text())
+    assert (params["use_scaled_rope"], params["rope_scaling_factor"]) == (True, scaling["factor"])
+    torch.testing.assert_close(rope_frequencies(ModelArgs(**params)), llama3_scaled_frequencies(**scaling), rtol=1e-5, atol=0)
 
 
 def test_llama31_rope_factors_set_use_scaled_rope(tmp_path):

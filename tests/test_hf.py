@@ -14,7 +14,10 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
-from llama import Llama
+from safetensors import safe_open
+
+from llama import Llama, Transformer
+from llama.parallel import init_model_parallel
 from llama.bpe import PRETOKENIZER_PATTERNS
 from llama.chat_format import ChatFormat, chat_format_for
 from llama.checkpoint import CheckpointError, ShardedCheckpoint, read_params
@@ -87,7 +90,9 @@ def hf_tokenizer(exported):
 
 def test_round_trip_is_bit_identical(meta_ckpt, exported, tmp_path):
     back = convert_hf(exported, tmp_path / "back")
-    assert (back / "params.json").read_bytes() == (meta_ckpt / "params.json").read_bytes()
+    # Meta's params.json, plus the RoPE scaling written out (Llama 3.1's, the default for this shape)
+    written = dict(sorted({**PARAMS, **ModelArgs(**PARAMS).rope_scaling()}.items()))
+    assert (back / "params.json").read_bytes() == json.dumps(written).encode()
     assert (back / "tokenizer.model").read_bytes() == (meta_ckpt / "tokenizer.model").read_bytes()
     assert not (back / SPEC_FILE).exists()
     assert (back / "checklist.chk").is_file()
@@ -142,6 +147,17 @@ def test_chat_template_renders_chat_format(hf_tokenizer, tokenizer, dialog):
     assert chat_ids(hf_tokenizer, dialog) == ChatFormat(tokenizer).encode_dialog_prompt(dialog)
 
 
+def save_with_metas_tokenizer(model: LlamaForCausalLM, hf_dir: Path, **save_options) -> Path:
+    """`model` as transformers saves it, with Meta's tokenizer converted by transformers."""
+    model.save_pretrained(hf_dir, **save_options)
+    tokenizer = Tokenizer(default_tokenizer_path())
+    specials = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
+    converted = TikTokenConverter(vocab_file=default_tokenizer_path(), extra_special_tokens=specials).converted()
+    fast = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    fast.save_pretrained(hf_dir)
+    return hf_dir
+
+
 @pytest.fixture(scope="module")
 def saved_by_transformers(tmp_path_factory) -> Path:
     """A tied-embedding, scaled-RoPE Llama with Meta's tokenizer as transformers saves it, in several shards."""
@@ -153,13 +169,7 @@ def saved_by_transformers(tmp_path_factory) -> Path:
         bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
     )  # fmt: skip
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(hf_dir, max_shard_size="10MB")
-    tokenizer = Tokenizer(default_tokenizer_path())
-    specials = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
-    converted = TikTokenConverter(vocab_file=default_tokenizer_path(), extra_special_tokens=specials).converted()
-    fast = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
-    fast.save_pretrained(hf_dir)
-    return hf_dir
+    return save_with_metas_tokenizer(LlamaForCausalLM(config), hf_dir, max_shard_size="10MB")
 
 
 def test_import_of_transformers_save_pretrained(saved_by_transformers, tmp_path):
@@ -180,6 +190,54 @@ def test_import_of_transformers_save_pretrained(saved_by_transformers, tmp_path)
         expected = reference(tokens).logits
     assert expected.abs().max() > 1
     torch.testing.assert_close(ours.model.forward(tokens, 0), expected, atol=1e-4, rtol=0)
+
+
+LLAMA32_ROPE_SCALING = {"rope_type": "llama3", **LLAMA3_ROPE_SCALING, "factor": 32.0}
+
+
+@pytest.fixture(scope="module")
+def llama32_saved(tmp_path_factory) -> Path:
+    """A random model with Llama 3.2 1B's configuration but smaller (RoPE factor 32, tied embeddings, 64-wide
+    heads), as transformers saves it."""
+    config = LlamaConfig(
+        hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
+        rope_scaling=LLAMA32_ROPE_SCALING, initializer_range=0.2, bos_token_id=128000,
+        eos_token_id=[128001, 128008, 128009],
+    )  # fmt: skip
+    torch.manual_seed(3)
+    return save_with_metas_tokenizer(LlamaForCausalLM(config), tmp_path_factory.mktemp("llama32") / "model")
+
+
+def test_llama32_converts_runs_as_transformers_and_round_trips(llama32_saved, tmp_path):
+    out = convert_hf(llama32_saved, tmp_path / "meta")
+    params = read_params(out)
+    assert (params["use_scaled_rope"], params["rope_scaling_factor"]) == (True, 32.0)
+    reference = AutoModelForCausalLM.from_pretrained(llama32_saved).float().eval()
+    ours = Llama.build(out, max_seq_len=512, max_batch_size=1, dtype="float32", device="cpu")
+    assert ours.model.output_is_tied()  # the checkpoint stores output.weight equal to the embedding: held once
+    tokens = torch.randint(0, 128256, (1, 480), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = reference(tokens).logits
+    torch.testing.assert_close(ours.model.forward(tokens, 0), expected, atol=1e-4, rtol=0)
+    generated, _ = ours.generate([tokens[0].tolist()], max_gen_len=8, temperature=0)
+    with torch.no_grad():
+        theirs = reference.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=8, do_sample=False)
+    assert generated[0] == theirs[0, 480:].tolist()
+
+    # Meta's reference factor, 8, gives other logits on this model: the comparison above would fail with it.
+    init_model_parallel(torch.device("cpu"))
+    with_factor_8 = Transformer(ModelArgs(max_seq_len=512, max_batch_size=1, **{**params, "rope_scaling_factor": 8.0}))
+    with_factor_8.load_state_dict(torch.load(out / "consolidated.00.pth", weights_only=True))
+    assert (with_factor_8.forward(tokens, 0) - expected).abs().max() > 1e-2
+
+    back = export_hf(out, tmp_path / "hf")
+    original, again = LlamaConfig.from_pretrained(llama32_saved), LlamaConfig.from_pretrained(back)
+    assert again.rope_parameters == original.rope_parameters
+    assert again.tie_word_embeddings is True
+    with safe_open(back / "model.safetensors", framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(back).float()(tokens).logits, expected, atol=1e-5, rtol=0)
 
 
 PRE_TOKENIZERS = {
@@ -267,7 +325,7 @@ def test_rope_scaling_maps_to_use_scaled_rope(rope, scaled):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"rope_scaling": {"rope_type": "llama3", **LLAMA3_ROPE_SCALING, "factor": 32.0}}, "RoPE scaling"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 32.0}}, "RoPE scaling lacks low_freq_factor"),
         ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "RoPE scaling"),
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),

@@ -1,12 +1,16 @@
 """Numerical parity of the model with transformers' LlamaForCausalLM on the same weights."""
 
+import json
+
 import pytest
 import torch
 from checkpoints import TINY_PARAMS, random_state_dict, write_checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from llama import Llama, ModelArgs
+from llama import Llama, ModelArgs, Transformer
+from llama.checkpoint import read_params
+from llama.parallel import init_model_parallel
 from llama.hf import hf_config, meta_to_hf_state_dict
 from llama import model
 from llama.model import rope_frequencies
@@ -47,6 +51,64 @@ def test_rope_frequencies_match_transformers(scaled):
     else:
         expected, _ = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
     torch.testing.assert_close(rope_frequencies(args), expected.float(), rtol=1e-6, atol=0)
+
+
+# Meta's params.json of Llama 3.2 1B and 3B (no RoPE factor: it is 32, as Hugging Face's config.json says) and
+# of Llama 3.1 8B (factor 8).
+META_PARAMS = {
+    "3.2-1B": {"dim": 2048, "ffn_dim_multiplier": 1.5, "multiple_of": 256, "n_heads": 32, "n_kv_heads": 8,
+               "n_layers": 16, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256},
+    "3.2-3B": {"dim": 3072, "ffn_dim_multiplier": 1.0, "multiple_of": 256, "n_heads": 24, "n_kv_heads": 8,
+               "n_layers": 28, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256},
+    "3.1-8B": {"dim": 4096, "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "n_heads": 32, "n_kv_heads": 8,
+               "n_layers": 32, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name, factor", [("3.2-1B", 32.0), ("3.2-3B", 32.0), ("3.1-8B", 8.0)])
+def test_metas_params_json_gets_the_published_rope_factor(tmp_path, name, factor):
+    (tmp_path / "params.json").write_text(json.dumps(META_PARAMS[name]))
+    args = ModelArgs(**read_params(tmp_path))
+    assert args.rope_scaling_factor == factor
+    config = LlamaConfig(
+        hidden_size=args.dim, num_attention_heads=args.n_heads, rope_theta=500000.0, max_position_embeddings=131072,
+        rope_scaling={"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+    )  # fmt: skip
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    torch.testing.assert_close(rope_frequencies(args), expected.float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [({"rope_scaling_factor": 32.0}, "without use_scaled_rope"),
+     ({"use_scaled_rope": True, "rope_low_freq_factor": 4.0, "rope_high_freq_factor": 1.0}, "0 < low < high")],
+)  # fmt: skip
+def test_bad_rope_scaling_is_named(params, message):
+    with pytest.raises(ValueError, match=message):
+        ModelArgs(**{**TINY_PARAMS, "use_scaled_rope": False, **params})
+
+
+def test_metas_usage_matches_llama_models(tiny_ckpt):
+    """Build, load_state_dict and forward(tokens, start_pos) straight away, as with Meta's Transformer."""
+    from llama_models.llama3.args import ModelArgs as MetaArgs
+    from llama_models.llama3.model import Transformer as MetaTransformer
+
+    init_model_parallel(torch.device("cpu"))
+    params = read_params(tiny_ckpt)
+    state = torch.load(tiny_ckpt / "consolidated.00.pth", map_location="cpu", weights_only=True)
+    ours, meta = Transformer(ModelArgs(max_seq_len=32, max_batch_size=2, **params)), MetaTransformer(
+        MetaArgs(max_seq_len=32, max_batch_size=2, **params)
+    )
+    ours.load_state_dict(state)
+    meta.load_state_dict(state)
+    tokens = torch.randint(0, params["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        expected = meta.forward(tokens, 0)
+        torch.testing.assert_close(ours.forward(tokens, 0), expected, atol=1e-4, rtol=0)
+        step = expected[:, -1:].argmax(dim=-1)  # (bs, 1)
+        torch.testing.assert_close(ours.forward(step, 12), meta.forward(step, 12), atol=1e-4, rtol=0)
+    assert ours.layers[0].attention.cache_k.dtype == torch.float32
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,13 @@
 """The Llama 3 tokenizer and chat format against Meta's published token ids and the real tokenizer.model."""
 
 import hashlib
+from pathlib import Path
 
 import pytest
-import tiktoken
 
 from llama import ChatFormat, Tokenizer
 from llama.chat_format import check_dialog
-from llama.tokenizer import LLAMA3_PATTERN, default_tokenizer_path
+from llama.tokenizer import default_tokenizer_path
 
 
 @pytest.fixture(scope="module")
@@ -86,24 +86,50 @@ def test_special_token_text_is_plain_text_by_default(tokenizer, chat):
     assert injected.count(128009) == 1 and injected.count(128006) == 1
 
 
-def reference_encoding() -> tiktoken.Encoding:
-    """A plain tiktoken encoding of the same vocabulary, encoding the text in one call."""
-    from tiktoken.load import load_tiktoken_bpe
+@pytest.fixture(scope="module")
+def metas_tokenizer():
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
-    return tiktoken.Encoding("ref", pat_str=LLAMA3_PATTERN, mergeable_ranks=load_tiktoken_bpe(default_tokenizer_path()), special_tokens={})
-
-
-def test_long_text_encodes_exactly_as_one_piece(tokenizer):
-    text = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog, again and again!\n\t  " for i in range(14000))
-    assert len(text) > 1_000_000
-    assert tokenizer.encode(text, bos=False, eos=False) == reference_encoding().encode_ordinary(text)
+    return MetaTokenizer(Path(default_tokenizer_path()))
 
 
-def test_huge_runs_encode_as_their_pieces(tokenizer):
-    for text, piece in (("a" * 1_000_000, "a" * 25_000), (" " * 100_000, " " * 25_000)):
-        pieces = len(text) // len(piece)
-        assert tokenizer.encode(text, bos=False, eos=False) == tokenizer.encode(piece, bos=False, eos=False) * pieces
-    assert tokenizer.decode(tokenizer.encode("x" * 60_000 + " y", bos=False, eos=False)) == "x" * 60_000 + " y"
+def _lines(count: int) -> str:
+    return "".join(f"Line {i}: the quick brown fox jumps over the lazy dog, again and again!\n\t  " for i in range(count))
+
+
+# Texts cut by Meta's tokenizer: past 400,000 characters, and runs of over 25,000 (whitespace or not, Unicode
+# whitespace included), at, around and across both limits.
+CUT_TEXTS = {
+    "lines over 1M chars": _lines(14000),
+    "one 1M run": "a" * 1_000_000,
+    "spaces": " " * 100_000,
+    "run of 25,000": "x" * 25_000 + " y",
+    "run of 25,001": "x" * 25_001 + " y",
+    "runs of both kinds": "ab" + "c" * 60_000 + " " * 50_001 + "\n\n" + "d" * 24_999 + "\t" * 75_000 + "end",
+    "run across the chunk edge": "w " * 180_000 + "z" * 60_000 + "  tail",
+    "unicode whitespace": "word" + "\u3000" * 26_000 + "\xa0" * 30_000 + "\u2028x" + "é" * 50_000,
+    "digits and punctuation": "1234567890" * 5_000 + "!?" * 20_000 + " 12 ",
+    "exactly one chunk": "ab " * 133_333 + "c",
+    "chunk and one": "ab " * 133_333 + "cd",
+}
+
+
+@pytest.mark.parametrize("name", CUT_TEXTS)
+def test_long_texts_and_runs_encode_as_metas(tokenizer, metas_tokenizer, name):
+    text = CUT_TEXTS[name]
+    assert tokenizer.encode(text, bos=True, eos=True) == metas_tokenizer.encode(text, bos=True, eos=True)
+
+
+def test_special_tokens_across_metas_cuts_encode_as_metas(tokenizer, metas_tokenizer):
+    text = "<|eot_id|>" + "q" * 399_995 + "<|eot_id|> and " + "x" * 24_995 + "<|start_header_id|>"
+    for allowed in (set(), "all"):
+        ours = tokenizer.encode(text, bos=False, eos=False, allowed_special=allowed)
+        assert ours == metas_tokenizer.encode(text, bos=False, eos=False, allowed_special=allowed)
+
+
+def test_cut_texts_round_trip(tokenizer):
+    for text in CUT_TEXTS.values():
+        assert tokenizer.decode(tokenizer.encode(text, bos=False, eos=False)) == text
 
 
 @pytest.mark.parametrize("text", ["", " ", "héllo wörld", "日本語のテキスト", "emoji 🦙🔥 and \u200b zero width", "\r\n\r\n  \t"])
