@@ -9,7 +9,7 @@
 from typing import List, Optional
 
 from llama import Dialog, Llama
-from llama.cli import print_streams, run_cli
+from llama.command import print_streams, run_cli
 from llama.demo import demo_checkpoint_dir
 
 # The demo model often rambles on until the context is full; cap its replies.

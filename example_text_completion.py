@@ -9,7 +9,7 @@ model (SmolLM2-135M-Instruct, converted on first use).
 from typing import Optional
 
 from llama import Llama
-from llama.cli import print_streams, run_cli
+from llama.command import print_streams, run_cli
 from llama.demo import demo_checkpoint_dir
 
 

@@ -11,6 +11,7 @@ setup(
     packages=find_packages(include=["llama", "llama.*"]),
     python_requires=">=3.10",
     install_requires=Path(__file__).with_name("requirements.txt").read_text().split(),
+    entry_points={"console_scripts": ["llama = llama.cli:main"]},
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "pexpect>=4.8", "transformers>=4.45", "llama-models>=0.3", "matplotlib>=3.5"],
         "bench": ["transformers>=4.45", "llama-models>=0.3", "matplotlib>=3.5"],

@@ -2,9 +2,8 @@
 
 import os
 
-# torch puts CPU allocations of 2 MB or more (weights, activations) in transparent huge pages if this is set
-# when it first allocates, so only where this package is imported before torch: fewer TLB misses, and float32
-# prefill 1.6x as fast on a virtual machine whose other pages were slow. THP_MEM_ALLOC_ENABLE=0 turns it off.
+# torch puts CPU allocations of 2 MB or more in transparent huge pages if this is set when it first allocates
+# (so only where this package is imported before torch): fewer TLB misses. THP_MEM_ALLOC_ENABLE=0 turns it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from .generation import Llama

@@ -1,7 +1,6 @@
-"""`python -m llama chat ...`: the interactive chat (see llama.chat)."""
+"""`python -m llama <command>`: the same as the `llama` command (see llama.cli)."""
 
-from .chat import chat
-from .cli import run_cli
+from .cli import main
 
 if __name__ == "__main__":
-    run_cli({"chat": chat})
+    main()

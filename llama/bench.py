@@ -30,7 +30,7 @@ from .gguf_export import export_gguf
 from .hf import export_hf
 from .model import ModelArgs
 from .parallel import init_model_parallel, pick_dtype
-from .quantize import QUANTIZATIONS
+from .quantized_linear import QUANTIZATIONS
 from .soak import memory_mib
 
 # Metric -> (label, unit, higher is better).
@@ -349,13 +349,11 @@ def bench(
     out: Optional[str] = "bench.json",
     plot: Optional[str] = "bench.png",
 ) -> None:
-    """Benchmark `systems` on the checkpoint in `ckpt_dir` (default: the demo model); print a markdown table,
-    write the JSON report to `out` and a PNG plot to `plot`.
+    """Benchmark this repo against its peers on one checkpoint, in the same run.
 
-    Systems: `ours`, `ours+int8` and `ours+int4` (weight-only quantization), `ours+compile` (the decode step
-    compiled with torch.compile), `ours+int8+compile` and `ours+int4+compile` (both), `transformers` (the
-    baseline of the ratios), `llama-models` (Meta's reference code), `llama.cpp` (llama-cpp-python, if
-    installed, on a GGUF of the same weights in the same precision) and `llama.cpp+q8_0` (its 8-bit weights).
+    The demo model unless --ckpt_dir. Prints a markdown table, writes a JSON report (--out) and a plot (--plot).
+    --systems: ours, ours+int8, ours+int4, ours+compile, ours+int8+compile, ours+int4+compile, transformers (the
+    baseline), llama-models (Meta's reference), llama.cpp and llama.cpp+q8_0 (llama-cpp-python, if installed).
     """
     if isinstance(systems, str):
         systems = systems.split(",")
@@ -426,7 +424,7 @@ def main() -> None:
     if sys.argv[1:] == ["--worker"]:
         print(RESULT_MARK + json.dumps(worker(json.load(sys.stdin))), flush=True)
         return
-    from .cli import run_cli
+    from .command import run_cli
 
     run_cli(bench)
 

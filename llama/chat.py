@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from .chat_format import Message
 from .generation import Llama
+from .optimize import warm_up_decoding
 
 HELP = "Commands: /reset, /system <text>, /exit. Ctrl-C stops an answer, Ctrl-D quits."
 
@@ -102,8 +103,9 @@ def chat(
     quantize: Optional[str] = None,
     compile: bool = False,
 ) -> None:
-    """Chat with the model in `ckpt_dir` (the bundled demo model when omitted); `--quantize int8|int4` and
-    `--compile` as in Llama.build."""
+    """Chat with a model in the terminal.
+
+    The bundled demo model unless --ckpt_dir; --quantize int8|int4 and --compile as in Llama.build."""
     if ckpt_dir is None:
         from .demo import demo_checkpoint_dir
 
@@ -118,7 +120,7 @@ def chat(
     print(HELP, flush=True)
     if compile:  # now, rather than in the middle of the first answer
         print("[compiling the decode step: up to a minute the first time, seconds once cached]", flush=True)
-        generator.model.warm_up_decoding()
+        warm_up_decoding(generator.model)
     while True:
         try:
             line = _read_line("\n> ")

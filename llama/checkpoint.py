@@ -33,6 +33,38 @@ EMBEDDING_KEY = "tok_embeddings.weight"
 
 COPY_BLOCK_BYTES = 32 << 20
 
+# Meta's own (multiple_of, ffn_dim_multiplier) for the published Llama 3 shapes, by (dim, hidden size).
+META_FFN_PARAMS = {
+    (4096, 14336): (1024, 1.3),
+    (8192, 28672): (4096, 1.3),
+    (16384, 53248): (4096, 1.2),
+    (2048, 8192): (256, 1.5),
+    (3072, 8192): (256, 1.0),
+}
+
+
+def ffn_params(dim: int, hidden: int) -> dict:
+    """`multiple_of` and (if needed) `ffn_dim_multiplier` with which Meta's rule gives SwiGLU hidden size `hidden`.
+
+    Meta's published shapes get Meta's own values; others the simplest that fit: no multiplier, else one
+    rounded to as few decimals as possible, with the largest power-of-two multiple_of that divides `hidden`.
+    """
+    if dim < 2 or hidden < 1:
+        raise ValueError(f"a model of dim {dim} cannot have a SwiGLU hidden size of {hidden}")
+    if (dim, hidden) in META_FFN_PARAMS:
+        multiple_of, multiplier = META_FFN_PARAMS[dim, hidden]
+        return {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}
+    base = int(2 * (4 * dim) / 3)
+    multiples = [2**k for k in range((hidden & -hidden).bit_length() - 1, -1, -1)]
+    # The last candidate puts int(multiplier * base) half a unit above `hidden`, which always rounds right.
+    multipliers = [None, *(round(hidden / base, digits) for digits in range(1, 6)), (hidden + 0.5) / base]
+    for multiplier in multipliers:
+        for multiple_of in multiples:
+            params = {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}
+            if ModelArgs(dim=dim, n_heads=1, **params).ffn_hidden_dim == hidden:
+                return params if multiplier is not None else {"multiple_of": multiple_of}
+    raise AssertionError(f"no Meta FFN parameters give hidden size {hidden} for dim {dim}")
+
 Layout = Dict[str, Tuple[Tuple[int, ...], Optional[int]]]
 
 

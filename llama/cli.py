@@ -1,34 +1,28 @@
-"""Running a command-line entry point: user mistakes end in a one-line error, not a traceback."""
+"""`llama <command>` (also `python -m llama <command>`): every tool of this repo under one command."""
 
-import sys
-from typing import Callable, Iterable, List, Tuple
+from .bench import bench
+from .chat import chat
+from .command import run_cli
+from .convert import COMMANDS as CONVERSIONS
+from .eval import evaluate
+from .quantize import quantize
+from .reshard import reshard
+from .soak import soak
 
-import fire
-
-from .checkpoint import CheckpointError
-from .generation import in_prompt_order
-
-
-def run_cli(command: Callable) -> None:
-    """`fire.Fire(command)`, printing `error: <message>` and exiting 1 on a mistake in the user's input."""
-    try:
-        fire.Fire(command)
-    except (CheckpointError, ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+COMMANDS = {
+    "chat": chat,
+    "convert": CONVERSIONS,
+    "reshard": reshard,
+    "quantize": quantize,
+    "eval": evaluate,
+    "bench": bench,
+    "soak": soak,
+}
 
 
-def print_streams(stream: Iterable[Tuple[int, str]], headers: List[str]) -> None:
-    """Print the texts of a batch's `stream` one after another, each after its header and live once it is
-    its turn (the batch is still generated together)."""
-    shown = -1
-    for index, text in in_prompt_order(stream, len(headers)):
-        if index != shown:
-            shown = index
-            print(headers[index], end="")
-        print(text, end="", flush=True)
-        if not text:
-            print("\n\n==================================\n")
+def main() -> None:
+    run_cli(COMMANDS, name="llama")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,24 +14,10 @@ source's (float32 for GGUF). The output directory must not exist or be empty; it
 so an interrupted conversion leaves nothing behind.
 """
 
-import functools
-from pathlib import Path
-from typing import Callable
-
-from .cli import run_cli
+from .command import announcing, run_cli
 from .gguf_export import export_gguf
 from .gguf_import import convert_gguf
 from .hf import convert_hf, export_hf
-
-
-def announcing(convert: Callable[..., Path], what: str) -> Callable[..., None]:
-    """`convert` as a command that prints where it wrote `what`."""
-
-    @functools.wraps(convert)
-    def command(*args, **kwargs) -> None:
-        print(f"wrote {what} to {convert(*args, **kwargs)}")
-
-    return command
 
 
 COMMANDS = {

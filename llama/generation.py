@@ -9,8 +9,10 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, TypedDic
 import torch
 
 from .checkpoint import CheckpointError, ShardedCheckpoint, read_params
-from .model import ModelArgs, Transformer, skip_weight_init
+from .model import ModelArgs, Transformer
+from .optimize import compile_decoding, fuse_projections, optimize_for_inference, skip_weight_init
 from .pages import release_pages
+from .quantized_linear import int8_layers_for_loading, quantize_model
 from .parallel import init_model_parallel, pick_device, pick_dtype
 from .sequence import GeneratedSequence
 from .chat_format import Dialog, Message, chat_format_for, check_dialog, check_turn_order
@@ -54,12 +56,12 @@ class Llama:
 
         Works under `torchrun --nproc_per_node N` (any N the model's head counts allow, whatever the number of
         shards) and in a plain Python process. `tokenizer_path` defaults to `ckpt_dir/tokenizer.model`.
-        `quantize="int8"` or `"int4"` quantizes the linear layers' weights (see llama.quantize); a checkpoint written
-        quantized by `python -m llama.quantize write` loads quantized by itself. Unquantized models are made
-        for inference (see Transformer.optimize_for_inference): projections fused and, on the CPU, weights
+        `quantize="int8"` or `"int4"` quantizes the linear layers' weights (see llama.quantized_linear); a
+        checkpoint written quantized by `llama quantize` loads quantized by itself. Unquantized models are made
+        for inference (see llama.optimize.optimize_for_inference): projections fused and, on the CPU, weights
         prepacked for a faster kernel where there is one (see PackedLinear), which rounds differently;
         `prepack=False` keeps Meta's plain layers. `compile=True` compiles the decode step with torch.compile
-        (see Transformer.compile_decoding): faster steps after a long first one, single process only.
+        (see llama.optimize.compile_decoding): faster steps after a long first one, single process only.
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError("max_seq_len and max_batch_size must be positive integers")
@@ -86,21 +88,18 @@ class Llama:
         with torch.device("meta"), skip_weight_init():
             model = Transformer(model_args)
         model.requires_grad_(False)
-        if checkpoint.quantization or quantize:
-            # imported here: `python -m llama.quantize` runs that module
-            from .quantize import int8_layers_for_loading, quantize_model
         if checkpoint.quantization:
             int8_layers_for_loading(model)
         model.load_state_dict(checkpoint.rank_state_dict(rank, world_size, dtype, device), assign=True, strict=True)
         if checkpoint.quantization:
-            model.fuse_projections(release=release_pages)
+            fuse_projections(model, release=release_pages)
         elif quantize:
             quantize_model(model, quantize, release=release_pages)  # the loaded weights are the model's own
         elif prepack:
-            model.optimize_for_inference(release=release_pages, traceable=compile)
+            optimize_for_inference(model, release=release_pages, traceable=compile)
         model.setup_caches(dtype, device)
         if compile:
-            model.compile_decoding(autotune=bool(quantize or checkpoint.quantization))
+            compile_decoding(model, autotune=bool(quantize or checkpoint.quantization))
         print(f"Loaded {ckpt_dir} ({checkpoint.num_shards} shard(s) on {world_size} process(es)) in {time.time() - start:.2f} s")
         return Llama(model, tokenizer)
 
@@ -388,7 +387,7 @@ def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     each token whose more likely tokens hold at most p), renormalized.
 
     Only the most likely tokens are sorted, the first of NUCLEUS_GUESSES that holds every row's nucleus, else
-    all: sorting and sampling all of a 49k vocabulary took longer than a decode step of the demo model."""
+    all: sorting a whole vocabulary can cost more than a decode step."""
     vocab = probs.shape[-1]
     for count in (*(min(guess, vocab) for guess in NUCLEUS_GUESSES), vocab):
         top_probs, top_tokens = torch.topk(probs, count, dim=-1)  # (bs, count), most likely first

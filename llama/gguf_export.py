@@ -89,8 +89,9 @@ def _encoded(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarr
 
 
 def export_gguf(ckpt_dir: Union[str, Path], out_path: Union[str, Path], file_type: str = "f16") -> Path:
-    """Write the Meta checkpoint in `ckpt_dir` (any number of shards) as the GGUF file `out_path`, its matrices in
-    `file_type` (f32, f16, bf16 or q8_0); returns `out_path`."""
+    """Write a Meta checkpoint as one GGUF file for llama.cpp.
+
+    Any number of shards; the matrices in --file_type (f32, f16, bf16 or q8_0). Returns `out_path`."""
     if file_type not in FILE_TYPES:
         raise ValueError(f"unknown --file_type {file_type!r}: use one of {', '.join(FILE_TYPES)}")
     qtype, llama_file_type = FILE_TYPES[file_type]

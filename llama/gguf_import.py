@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from .bpe import pretokenizer_pattern, ranks_from_byte_level_vocab, write_tokenizer
 from .chat_format import default_system_prompt
-from .checkpoint import CheckpointError, parameter_layout, staged_directory
-from .model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs, ffn_params, rope_frequencies
+from .checkpoint import CheckpointError, ffn_params, parameter_layout, staged_directory
+from .model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs, rope_frequencies
 from .parallel import pick_dtype
 from .tokenizer import SPEC_FILE, Tokenizer, TokenizerSpec
 
@@ -263,8 +263,9 @@ def tokenizer_spec(model: GGUFFile, vocab_size: int) -> Tuple[List[str], Tokeniz
 
 
 def convert_gguf(gguf_path: Union[str, Path], out_dir: Union[str, Path], dtype: str = "float32") -> Path:
-    """Write the Llama GGUF model at `gguf_path` as a Meta checkpoint directory `out_dir` (which must not exist
-    or be empty) with weights in `dtype`; returns `out_dir`."""
+    """Write a Llama GGUF model as a Meta checkpoint directory.
+
+    --out_dir must not exist or be empty; the weights in --dtype. Returns `out_dir`."""
     torch_dtype = pick_dtype(dtype, torch.device("cpu"))
     model = GGUFFile(Path(gguf_path))
     params = model_params(model)

@@ -28,12 +28,10 @@ from tqdm import tqdm
 
 from .bpe import PRETOKENIZER_PATTERNS, byte_level_text, merges_for_ranks, ranks_from_byte_level_vocab, write_tokenizer
 from .checkpoint import (
-    OUTPUT_KEY, CheckpointError, ShardedCheckpoint, parameter_layout, read_params, staged_directory,
+    OUTPUT_KEY, CheckpointError, ShardedCheckpoint, ffn_params, parameter_layout, read_params, staged_directory,
 )
 from .chat_format import default_system_prompt
-from .model import (
-    ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ROPE_SCALE_FACTOR, ModelArgs, ffn_params,
-)
+from .model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ROPE_SCALE_FACTOR, ModelArgs
 from .parallel import pick_dtype
 from .tokenizer import LLAMA3_PATTERN, SPEC_FILE, Tokenizer, TokenizerSpec, default_tokenizer_path
 
@@ -440,8 +438,10 @@ def import_hf_tokenizer(hf_dir: Path, config: dict, out_dir: Path) -> None:
 
 
 def convert_hf(hf_dir: str, out_dir: str, dtype: Optional[str] = None) -> Path:
-    """Convert a Hugging Face Llama directory into the new Meta checkpoint directory `out_dir` (params.json,
-    consolidated.00.pth, tokenizer files, checklist.chk). `dtype` defaults to that of the weights."""
+    """Write a Hugging Face Llama directory as a Meta checkpoint directory.
+
+    --out_dir gets params.json, consolidated.00.pth, the tokenizer files and checklist.chk; --dtype defaults to
+    the weights'."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
         raise CheckpointError(f"{hf_dir} is not a directory: pass --hf_dir with a downloaded Hugging Face model")
@@ -550,9 +550,10 @@ def export_source(ckpt_dir: Path) -> Tuple[ShardedCheckpoint, Tokenizer]:
 
 
 def export_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Convert the Meta checkpoint in `ckpt_dir` into the new Hugging Face directory `out_dir`: config.json,
-    generation_config.json, model.safetensors (split into shards past `max_shard_bytes`) and tokenizer files.
-    `dtype` defaults to that of the checkpoint."""
+    """Write a Meta checkpoint as a Hugging Face directory.
+
+    --out_dir gets config.json, generation_config.json, model.safetensors (split into shards past
+    --max_shard_bytes) and the tokenizer files; --dtype defaults to the checkpoint's."""
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"--max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)

@@ -14,13 +14,13 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import QUANTIZATION_FILE, CheckpointError, ShardedCheckpoint, read_params, staged_directory
-from .cli import run_cli
+from .command import run_cli
 from .model import ModelArgs
 from .tokenizer import SPEC_FILE
 
 
 def reshard(ckpt_dir: str, out_dir: str, model_parallel_size: int) -> Path:
-    """Write the checkpoint in `ckpt_dir` to the new directory `out_dir` as `model_parallel_size` shards."""
+    """Write the checkpoint in --ckpt_dir to the new directory --out_dir as --model_parallel_size shards."""
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     if not isinstance(model_parallel_size, int) or model_parallel_size < 1:
         raise ValueError(f"--model_parallel_size must be a positive integer, got {model_parallel_size!r}")

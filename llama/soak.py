@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Optional
 
-from .cli import run_cli
+from .command import run_cli
 from .generation import Llama
 
 QUESTIONS = [
@@ -40,7 +40,7 @@ def soak(
     max_growth: float = 0.05,
     out: Optional[str] = None,
 ) -> None:
-    """Run the soak test and print (and optionally write as JSON) the resident memory growth."""
+    """Run many completions and report how much resident memory grew (optionally as JSON, --out)."""
     if ckpt_dir is None:
         from .demo import demo_checkpoint_dir
 

@@ -5,7 +5,7 @@ import torch
 
 from llama import Llama
 from llama.generation import NUCLEUS_GUESSES, in_prompt_order, sample
-from llama.model import HalfPackedLinear, OneDNNLinear
+from llama.kernels import HalfPackedLinear, OneDNNLinear
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "1, 2, 3,"]
 

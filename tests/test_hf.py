@@ -23,7 +23,7 @@ from llama.chat_format import ChatFormat, chat_format_for
 from llama.checkpoint import CheckpointError, ShardedCheckpoint, read_params
 from llama.convert import COMMANDS
 from llama.hf import LLAMA3_ROPE_SCALING, convert_hf, export_hf, meta_params
-from llama.model import ffn_params
+from llama.checkpoint import ffn_params
 from llama.model import ModelArgs
 from llama.tokenizer import LLAMA3_PATTERN, SPEC_FILE, Tokenizer, TokenizerSpec, default_tokenizer_path
 

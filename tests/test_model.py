@@ -12,7 +12,7 @@ from llama import Llama, ModelArgs, Transformer
 from llama.checkpoint import read_params
 from llama.parallel import init_model_parallel
 from llama.hf import hf_config, meta_to_hf_state_dict
-from llama import model
+from llama import kernels, model
 from llama.model import rope_frequencies
 
 PROMPTS = [
@@ -119,8 +119,8 @@ def test_metas_usage_matches_llama_models(tiny_ckpt):
 @pytest.mark.parametrize("blocked", [False, True], ids=["flash", "blocked"])
 def test_logits_match_transformers(tmp_path, monkeypatch, overrides, blocked):
     # prompts through the flash kernel, or through blocked_causal_attention in blocks of 16 queries
-    monkeypatch.setattr(model, "attends_in_blocks", lambda dtype, device: blocked)
-    monkeypatch.setattr(model, "ATTENTION_BLOCK_ROWS", 16)
+    monkeypatch.setattr(kernels, "attends_in_blocks", lambda dtype, device: blocked)
+    monkeypatch.setattr(kernels, "ATTENTION_BLOCK_ROWS", 16)
     params = {**TINY_PARAMS, **overrides}
     state = random_state_dict(params, seed=1)
     ckpt = write_checkpoint(tmp_path, params, state, dtype=torch.float32)
@@ -209,10 +209,10 @@ def test_compiled_decoding_matches_transformers(tiny_ckpt, tiny_state, tokenizer
 
 def test_one_bfloat16_sequence_decodes_through_torchs_own_kernel(tiny_ckpt, tiny_state, monkeypatch):
     """A bfloat16 model for one sequence keeps its weights plain: decode steps, eager and compiled, multiply single
-    rows through torch's own matrix-vector kernel (model.matrix_vector, oneDNN off for each call only), and give
+    rows through torch's own matrix-vector kernel (kernels.matrix_vector, oneDNN off for each call only), and give
     transformers' bfloat16 logits within rounding."""
-    original, vectors = model.matrix_vector, []
-    monkeypatch.setattr(model, "matrix_vector", lambda row, weight: vectors.append(row.shape) or original(row, weight))
+    original, vectors = kernels.matrix_vector, []
+    monkeypatch.setattr(kernels, "matrix_vector", lambda row, weight: vectors.append(row.shape) or original(row, weight))
     build = dict(max_seq_len=32, max_batch_size=1, dtype="bfloat16")
     eager, compiled = Llama.build(tiny_ckpt, **build), Llama.build(tiny_ckpt, compile=True, **build)
     reference = hf_model(tiny_state, TINY_PARAMS).bfloat16()
@@ -221,23 +221,12 @@ def test_one_bfloat16_sequence_decodes_through_torchs_own_kernel(tiny_ckpt, tiny
         expected = reference(tokens).logits.float()
     for generator in (eager, compiled):
         layers = [generator.model.output, generator.model.layers[0].attention.wqkv]
-        assert all(isinstance(layer, model.DirectLinear) for layer in layers)
+        assert all(isinstance(layer, kernels.DirectLinear) for layer in layers)
         steps = [generator.model.forward(tokens[:, :8], 0)]
         steps += [generator.model.forward(tokens[:, pos : pos + 1], pos) for pos in range(8, 14)]
         torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=0.03 * expected.abs().max(), rtol=0)
         assert torch.backends.mkldnn.enabled
     assert len(vectors) == 6 * (4 * TINY_PARAMS["n_layers"] + 1)  # eager steps (compiled ones call an operator)
-
-
-@pytest.mark.parametrize("positions", [1, 37, 600])
-def test_decode_attention_is_torchs(positions):
-    """The attention written out for compiled decode steps (query heads sharing a key/value head as its rows)
-    equals torch's scaled_dot_product_attention."""
-    gen = torch.Generator().manual_seed(positions)
-    xq = torch.randn(2, 3, 4, 16, generator=gen)  # (bs, n_kv_heads, rows, head_dim)
-    keys, values = torch.randn(2, 2, 3, positions, 16, generator=gen).unbind(0)
-    expected = torch.nn.functional.scaled_dot_product_attention(xq, keys, values)
-    torch.testing.assert_close(model.decode_attention(xq, keys, values), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -251,49 +240,3 @@ def test_rms_norm_is_metas_bit_for_bit(dtype):
     ours.weight.data, meta.weight.data = weight, weight.clone()
     with torch.no_grad():
         assert torch.equal(ours(x), meta(x))
-
-
-@pytest.mark.parametrize("start_pos", [0, 24])
-def test_blocked_causal_attention_in_bfloat16_is_within_rounding_of_sdpa(monkeypatch, start_pos):
-    monkeypatch.setattr(model, "ATTENTION_BLOCK_ROWS", 16)
-    gen = torch.Generator().manual_seed(0)
-    xq = torch.randn(2, 37, 6, 32, generator=gen)  # (bs, seqlen, n_heads, head_dim)
-    keys, values = torch.randn(2, 2, 2, start_pos + 37, 32, generator=gen)  # (bs, n_kv_heads, positions, head_dim)
-    visible = torch.ones(37, start_pos + 37, dtype=torch.bool).tril(start_pos)
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        xq.transpose(1, 2), keys, values, attn_mask=visible, enable_gqa=True
-    ).transpose(1, 2)
-    out = model.blocked_causal_attention(xq.bfloat16(), keys.bfloat16(), values.bfloat16(), start_pos)
-    assert out.dtype == torch.bfloat16 and out.shape == expected.shape
-    torch.testing.assert_close(out.float(), expected, atol=0.03, rtol=0.02)
-
-
-def test_blockwise_linear_is_f_linear_in_its_dtype(monkeypatch):
-    monkeypatch.setattr(model, "PACK_BLOCK_BYTES", 1024)  # 4 rows of 64 float32 values per block
-    x, weight = torch.randn(40, 64).bfloat16(), torch.randn(101, 64).bfloat16()
-    out = model.blockwise_linear(x, weight, torch.float32)
-    assert out.dtype == torch.float32 and out.shape == (40, 101)
-    torch.testing.assert_close(out, torch.nn.functional.linear(x.float(), weight.float()), atol=1e-5, rtol=1e-5)
-
-
-def test_half_packed_kernel_computes_bfloat16_weights_in_float32(monkeypatch, tiny_ckpt):
-    """fbgemm's float16 kernel (for CPUs without native bfloat16) multiplies bfloat16 weights exactly; weights
-    beyond float16's range stay direct; compiled models and models for one sequence keep torch's kernel."""
-    monkeypatch.setattr(model, "needs_upcast", lambda dtype, device: True)
-    assert model.packing_for(torch.bfloat16, torch.device("cpu")) is model.HalfPackedLinear
-    weight = (torch.randn(300, 64) * torch.logspace(-4, 1, 64)).bfloat16()  # magnitudes 1e-4 .. 10
-    x = torch.randn(3, 5, 64).bfloat16()
-    out = model.HalfPackedLinear.block_product(x, model.HalfPackedLinear.pack_block(weight))
-    assert out.dtype == torch.bfloat16 and out.shape == (3, 5, 300)
-    reference = torch.nn.functional.linear(x.float(), weight.float())
-    torch.testing.assert_close(out.float(), reference.bfloat16().float(), atol=1e-5, rtol=0.008)
-    assert not model.HalfPackedLinear.fits(torch.tensor([[1e5, 0.0]]).bfloat16())
-
-    cases = [(2, False, model.HalfPackedLinear), (2, True, model.DirectLinear), (1, False, model.DirectLinear)]
-    for batch, traceable, kind in cases:
-        built = Llama.build(tiny_ckpt, max_seq_len=16, max_batch_size=batch, dtype="bfloat16", prepack=False)
-        transformer = built.model
-        transformer.layers[0].feed_forward.w2.weight.data[0, 0] = 1e5
-        transformer.optimize_for_inference(traceable=traceable)
-        assert isinstance(transformer.layers[0].attention.wqkv, kind)
-        assert isinstance(transformer.layers[0].feed_forward.w2, model.DirectLinear)

@@ -8,11 +8,13 @@ import torch
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from llama import Llama
-from llama import model
-from llama.model import DirectLinear, HalfPackedLinear, PackedLinear
+from llama import kernels, optimize
+from llama.kernels import DirectLinear, HalfPackedLinear, PackedLinear
 from llama.checkpoint import CheckpointError
 from llama.hf import export_hf
-from llama.quantize import int8_linear, perplexity, quantize_weight, quantize_weight_int4, write_quantized
+from llama.eval import perplexity
+from llama.quantize import write_quantized
+from llama.quantized_linear import int8_linear, quantize_weight, quantize_weight_int4
 
 
 def test_quantized_weight_round_trips_within_half_a_step():
@@ -97,12 +99,12 @@ def test_optimized_model_matches_plain(tiny_ckpt, monkeypatch, dtype, tolerance,
     direct. As on CPUs without AVX512-BF16, "direct" forces the direct layers with float32 prefill, "half"
     fbgemm's float16 kernel."""
     if kernel is not None:
-        monkeypatch.setattr(model, "needs_upcast", lambda dtype, device: True)
+        monkeypatch.setattr(kernels, "needs_upcast", lambda dtype, device: True)
     if kernel == "direct":
-        monkeypatch.setattr(model, "packing_for", lambda dtype, device: None)
+        monkeypatch.setattr(optimize, "packing_for", lambda dtype, device: None)
     optimized = Llama.build(tiny_ckpt, max_seq_len=48, max_batch_size=2, dtype=dtype)
     plain = Llama.build(tiny_ckpt, max_seq_len=48, max_batch_size=2, dtype=dtype, prepack=False)
-    expected_class = model.packing_for(getattr(torch, dtype), torch.device("cpu")) or DirectLinear
+    expected_class = optimize.packing_for(getattr(torch, dtype), torch.device("cpu")) or DirectLinear
     if kernel == "half":
         assert expected_class is HalfPackedLinear
     optimized_layer, plain_layer = optimized.model.layers[0], plain.model.layers[0]

@@ -1,0 +1,149 @@
+"""Making a loaded model fast for inference: fused projections, prepacked or direct linear kernels, and a decode
+step compiled with torch.compile. Each changes how the model computes, never what (see docs/performance.md)."""
+
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, List, Optional
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import fairscale.nn.model_parallel.layers as fs_layers
+import torch
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+from .kernels import PACK_BLOCK_BYTES, DirectLinear, as_rank_linear, packing_for
+from .model import Transformer
+
+Release = Optional[Callable[[torch.Tensor], None]]
+
+
+@contextlib.contextmanager
+def skip_weight_init():
+    """Build fairscale layers without initializing their weights, for weights that get loaded anyway: fairscale
+    fills a rank's weight from a full-size master matrix, which costs time and memory and cannot work on the meta
+    device."""
+    original = fs_layers._initialize_affine_weight
+    fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        fs_layers._initialize_affine_weight = original
+
+
+def linear_layers(model: Transformer) -> List[nn.Module]:
+    """The bias-free fairscale linear layers of `model` not yet converted to another class."""
+    return [m for m in model.modules() if type(m) in (ColumnParallelLinear, RowParallelLinear) and m.bias is None]
+
+
+def _fused(parent: nn.Module, names: List[str], release: Release) -> nn.Module:
+    """One column-parallel layer in place of the layers `names` of `parent` (removed), computing their outputs
+    side by side: each of its parameters and buffers stacks the layers' rows."""
+    layers = [getattr(parent, name) for name in names]
+    fused = layers[0]
+    for name, tensor in [*fused.named_parameters(recurse=False), *fused.named_buffers(recurse=False)]:
+        parts = [getattr(layer, name).detach() for layer in layers]
+        stacked = torch.cat(parts)
+        for part in parts if release is not None else []:
+            release(part)
+        if isinstance(tensor, nn.Parameter):
+            setattr(fused, name, nn.Parameter(stacked, requires_grad=False))
+        else:
+            setattr(fused, name, stacked)
+    for name in names:
+        delattr(parent, name)
+    return fused
+
+
+def fuse_projections(model: Transformer, release: Release = None) -> None:
+    """Make wq, wk, wv one layer `attention.wqkv` and w1, w3 one layer `feed_forward.w13`: one matrix product
+    each instead of three and two. The fused layer's weight (and any other per-row tensor, such as int8 scales)
+    stacks a rank's rows of each. `release`, if given, is called on the originals once copied."""
+    for layer in model.layers:
+        attention, feed_forward = layer.attention, layer.feed_forward
+        attention.wqkv = _fused(attention, ["wq", "wk", "wv"], release)
+        feed_forward.w13 = _fused(feed_forward, ["w1", "w3"], release)
+
+
+def convert_linear_layers(
+    model: Transformer, convert: Callable[[nn.Module, torch.Tensor], None], release: Release = None
+) -> None:
+    """Fuse the projections, then call `convert(layer, weight)` on every linear layer, which must then compute
+    with `weight` in its own way. `release`, if given, is called on every weight once it is no longer needed
+    (never on a tied output projection's: it is the embedding)."""
+    fuse_projections(model, release)
+    tied = model.output_is_tied()
+    for module in linear_layers(model):
+        weight = module.weight.detach()
+        del module.weight
+        convert(module, weight)
+        if release is not None and not (tied and module is model.output):
+            release(weight)
+
+
+def _pack(module: nn.Module, kernel: type, release: Release) -> None:
+    """Make the fairscale linear `module` one computing with its weight through `kernel` (a PackedLinear), packed
+    a block of rows at a time, each block `release`d (if given) once packed."""
+    weight = module.weight.detach()
+    del module.weight
+    rows = max(1, PACK_BLOCK_BYTES // (weight.shape[1] * weight.element_size()))
+    blocks = []
+    for begin in range(0, weight.shape[0], rows):
+        blocks.append(kernel.pack_block(weight[begin : begin + rows]))
+        if release is not None:
+            release(weight[begin : begin + rows])
+    module.blocks = blocks
+    as_rank_linear(module, kernel)
+
+
+def optimize_for_inference(model: Transformer, release: Release = None, *, traceable: bool = False) -> None:
+    """Fuse the projections and give every linear layer the fastest unquantized kernel: prepacked where
+    `packing_for` has one that pays off at this max_batch_size (see PackedLinear), else F.linear without
+    fairscale's wrappers on a single rank (DirectLinear); with `traceable`, only kernels torch.compile can trace.
+    A tied output projection stays DirectLinear, so the embedding is held once. `release(weight)`, if given, is
+    called on each weight once packed: the weights are then this model's alone, and it may free their memory."""
+    fuse_projections(model, release)
+    weight = model.tok_embeddings.weight
+    kernel = packing_for(weight.dtype, weight.device)
+    if kernel is not None and (
+        (traceable and not kernel.traceable) or model.params.max_batch_size < kernel.min_batch_size(weight.dtype)
+    ):
+        kernel = None
+    packed = []
+    for module in linear_layers(model):
+        if module is model.output and model.output_is_tied():
+            as_rank_linear(module, DirectLinear)  # computes with the embedding matrix itself
+        elif kernel is not None and kernel.fits(module.weight):
+            packed.append(module)
+        else:
+            as_rank_linear(module, DirectLinear)  # same weight, still in use: nothing to release
+    with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:  # packing runs outside the GIL
+        list(pool.map(lambda module: _pack(module, kernel, release), packed))
+
+
+def compile_decoding(model: Transformer, *, autotune: bool = False) -> None:
+    """Run decode steps of a single sequence through torch.compile, which fuses the small operations around the
+    matrix products. The position is a dynamic size, so one graph serves every position; inductor caches it on
+    disk for later processes. Batches stay eager: a batch shrinking to one sequence would compile a second graph
+    mid-generation.
+
+    The weights stay graph inputs (packed ones through the operator llama::onednn_linear, plain 16-bit ones through
+    llama::matrix_vector), except with `autotune`, for int8 and int4 weights: inductor then freezes them into the
+    graph and times its own matrix kernels against torch's, keeping the faster."""
+    import torch._inductor.config as inductor_config
+
+    if fs_init.get_model_parallel_world_size() > 1:
+        raise ValueError("compiling needs a single process: run without torchrun or leave compile off")
+    compiled = torch.compile(model.decode_step, fullgraph=True)
+    if autotune:  # inductor's settings are read when compiling, at the first call
+        compiled = inductor_config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")(
+            compiled
+        )
+    model.compiled_step = compiled
+
+
+def warm_up_decoding(model: Transformer) -> None:
+    """Run one decode step now, so that a compiled step compiles here rather than in the middle of the first
+    answer. It writes positions 0 and 1 of the caches' first row, which every generation writes before it reads."""
+    token = torch.zeros((1, 1), dtype=torch.long, device=model.rope.device)
+    for position in range(min(2, model.params.max_seq_len)):  # a prompt token, then a decode step if it fits
+        model.forward(token, position)
