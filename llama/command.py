@@ -3,7 +3,7 @@
 import functools
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, List, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import fire
 
@@ -11,7 +11,7 @@ from .checkpoint import CheckpointError
 from .generation import in_prompt_order
 
 
-def run_cli(command: object, *, name: str = None) -> None:
+def run_cli(command: object, *, name: Optional[str] = None) -> None:
     """`fire.Fire(command)`, printing `error: <message>` and exiting 1 on a mistake in the user's input."""
     try:
         fire.Fire(command, name=name, serialize=_unprinted_paths)

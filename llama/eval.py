@@ -65,12 +65,13 @@ def evaluate(
         check_method(method)
     source = _read_text(text) if text else reference_text()
     ckpt_dir = str(ckpt_dir or demo_checkpoint_dir())
-    results = {}
+    results, text_tokens = {}, None
     for method in [None, *methods]:
         generator = Llama.build(ckpt_dir, max_seq_len=window, max_batch_size=1, dtype=dtype, device="cpu", quantize=method)
-        text_tokens = generator.tokenizer.encode(source, bos=False, eos=False)[:tokens]
-        if len(text_tokens) < tokens and not text:
-            raise ValueError(f"the reference text has only {len(text_tokens)} tokens: ask for fewer")
+        if text_tokens is None:  # the same tokenizer for every build
+            text_tokens = generator.tokenizer.encode(source, bos=False, eos=False)[:tokens]
+            if len(text_tokens) < tokens and not text:
+                raise ValueError(f"the reference text has only {len(text_tokens)} tokens: ask for fewer")
         results[method or dtype] = perplexity(generator.model, text_tokens, window)
         del generator
     base = results[dtype]

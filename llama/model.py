@@ -71,17 +71,6 @@ class ModelArgs:
                 f"{self.rope_original_context}): the factor must be positive and 0 < low < high"
             )
 
-    def rope_scaling(self) -> dict:
-        """The RoPE scaling keys of params.json, explicit (as conversions write them); {} without scaling."""
-        if not self.use_scaled_rope:
-            return {}
-        return {
-            "rope_scaling_factor": self.rope_scaling_factor,
-            "rope_low_freq_factor": self.rope_low_freq_factor,
-            "rope_high_freq_factor": self.rope_high_freq_factor,
-            "rope_original_context": self.rope_original_context,
-        }
-
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads

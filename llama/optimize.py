@@ -108,14 +108,13 @@ def optimize_for_inference(model: Transformer, release: Release = None, *, trace
         (traceable and not kernel.traceable) or model.params.max_batch_size < kernel.min_batch_size(weight.dtype)
     ):
         kernel = None
+    tied = model.output_is_tied()
     packed = []
     for module in linear_layers(model):
-        if module is model.output and model.output_is_tied():
-            as_rank_linear(module, DirectLinear)  # computes with the embedding matrix itself
-        elif kernel is not None and kernel.fits(module.weight):
+        if kernel is not None and kernel.fits(module.weight) and not (tied and module is model.output):
             packed.append(module)
-        else:
-            as_rank_linear(module, DirectLinear)  # same weight, still in use: nothing to release
+        else:  # the same weight, still in use (a tied output's is the embedding): nothing to release
+            as_rank_linear(module, DirectLinear)
     with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:  # packing runs outside the GIL
         list(pool.map(lambda module: _pack(module, kernel, release), packed))
 

@@ -43,7 +43,6 @@ def write_quantized(ckpt_dir: str, out_dir: str, method: str = "int8") -> Path:
         for path, shard in zip(tqdm(checkpoint.paths, desc="quantizing", unit="shard"), checkpoint.shards):
             state = {}
             for key, (_, dim) in layout.items():
-                stored = EMBEDDING_KEY if key == OUTPUT_KEY and checkpoint.output_absent else key  # tied
                 if key not in linear:
                     state[key] = shard[key].clone()  # a view would save its whole source storage
                     continue
@@ -51,6 +50,7 @@ def write_quantized(ckpt_dir: str, out_dir: str, method: str = "int8") -> Path:
                 row_max = None
                 if dim == 1:
                     row_max = torch.stack([s[key].float().abs().amax(dim=1) for s in checkpoint.shards]).amax(dim=0)
+                stored = EMBEDDING_KEY if key == OUTPUT_KEY and checkpoint.output_absent else key  # tied
                 state[key], state[scale_key(key)] = quantize_weight(shard[stored], row_max)
             torch.save(state, staging / path.name)
     return Path(out_dir)

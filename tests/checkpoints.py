@@ -39,6 +39,10 @@ TINY_PARAMS = {
     "rope_theta": 500000.0,
     "use_scaled_rope": True,
 }
+# Llama 3.1's RoPE scaling as conversions write it into params.json.
+LLAMA31_SCALING_PARAMS = {
+    "rope_scaling_factor": 8.0, "rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0, "rope_original_context": 8192,
+}
 
 
 def random_state_dict(params: dict, seed: int = 0) -> Dict[str, torch.Tensor]:
