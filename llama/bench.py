@@ -89,6 +89,15 @@ def _version(module: str) -> Optional[str]:
     return importlib.import_module(module).__version__ if _installed(module) else None
 
 
+def check_installed(systems: Sequence[str], packages: Dict[str, Tuple[str, str]] = SYSTEM_PACKAGES) -> None:
+    """A one-line error naming the missing package of the first of `systems` that needs one, and how to install
+    it (checked before minutes of measuring); `packages` maps a system to its module and install command."""
+    for system in systems:
+        module, install = packages.get(system, (None, None))
+        if module is not None and not _installed(module):
+            raise ValueError(f"the {system} system needs the {module} package: {install}, or leave it out of --systems")
+
+
 def parse_system(name: str) -> Tuple[str, Optional[str]]:
     """`ours+int8+compile` -> ("ours", "int8+compile"); `transformers` -> ("transformers", None)."""
     base, _, option = name.partition("+")
@@ -278,6 +287,16 @@ def _ratio(value: Optional[float], baseline: Optional[float]) -> Optional[float]
     return None if value is None or baseline is None else value / baseline
 
 
+def machine_line(info: dict, threads: int) -> str:
+    """The machine as `machine()` describes it, in words: CPU, threads of cores, torch's version."""
+    return f"{info['cpu']}, {threads} thread(s) of {info['cores']} core(s), torch {info['torch']}"
+
+
+def table_head(description: str, header: List[str]) -> List[str]:
+    """A markdown table's first lines: a line describing it, then its header."""
+    return [description, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+
 def markdown_table(report: dict) -> str:
     """The results as a markdown table: a row per metric, a column per system, medians with min–max."""
     systems = list(report["systems"])
@@ -285,14 +304,12 @@ def markdown_table(report: dict) -> str:
     m, config = report["machine"], report["config"]
     header = [f"metric (median of {config['reps']}, min–max)", *systems]
     header += [f"{s} / {baseline}" for s in systems if baseline and s != baseline]
-    lines = [
-        f"{m['cpu']}, {config['threads']} thread(s) of {m['cores']} core(s), torch {m['torch']}, "
-        f"transformers {m['transformers']}; {config['dtype']}, batch N = {config['batch']}, prompt "
-        f"{config['prompt_len']} + {config['new_tokens']} new tokens, prefill {config['prefill_len']} tokens",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
+    lines = table_head(
+        f"{machine_line(m, config['threads'])}, transformers {m['transformers']}; {config['dtype']}, batch N = "
+        f"{config['batch']}, prompt {config['prompt_len']} + {config['new_tokens']} new tokens, prefill "
+        f"{config['prefill_len']} tokens",
+        header,
+    )
     for key, (label, unit, _) in METRICS.items():
         stats = [report["systems"][s]["summary"][key] for s in systems]
         cells = [
@@ -359,10 +376,7 @@ def bench(
         systems = systems.split(",")
     for system in systems:
         parse_system(system)
-    for system in dict.fromkeys(parse_system(s)[0] for s in systems):  # checked before minutes of measuring
-        module, install = SYSTEM_PACKAGES.get(system, (None, None))
-        if module is not None and not _installed(module):
-            raise ValueError(f"the {system} system needs the {module} package: {install}, or leave it out of --systems")
+    check_installed(dict.fromkeys(parse_system(s)[0] for s in systems))
     no_plot = 'no plot: it needs matplotlib (pip install -e ".[bench]")'
     if plot and not _installed("matplotlib"):
         print(no_plot, file=sys.stderr)  # now, and again after the table

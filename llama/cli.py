@@ -7,15 +7,19 @@ from .convert import COMMANDS as CONVERSIONS
 from .eval import evaluate
 from .quantize import quantize
 from .reshard import reshard
+from .serve import serve
+from .serve_bench import bench_serve
 from .soak import soak
 
 COMMANDS = {
     "chat": chat,
+    "serve": serve,
     "convert": CONVERSIONS,
     "reshard": reshard,
     "quantize": quantize,
     "eval": evaluate,
     "bench": bench,
+    "bench_serve": bench_serve,
     "soak": soak,
 }
 

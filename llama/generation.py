@@ -14,14 +14,12 @@ from .optimize import compile_decoding, fuse_projections, optimize_for_inference
 from .pages import release_pages
 from .quantized_linear import int8_layers_for_loading, quantize_model
 from .parallel import init_model_parallel, pick_device, pick_dtype
+from .engine import PREFILL_CHUNK, Engine, Request
+from .sampling import SamplingParams
 from .sequence import GeneratedSequence
 from .chat_format import Dialog, Message, chat_format_for, check_dialog, check_turn_order
 from .tokenizer import Tokenizer
 from .tool_calls import Tool
-
-# How many of the most likely tokens top-p sampling sorts first, then next, before sorting all (see sample_top_p).
-NUCLEUS_GUESSES = (64, 1024)
-
 
 class CompletionPrediction(TypedDict, total=False):
     generation: str
@@ -51,6 +49,7 @@ class Llama:
         quantize: Optional[str] = None,
         prepack: bool = True,
         compile: bool = False,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> "Llama":
         """Load a Meta checkpoint directory (params.json, consolidated.NN.pth) on this process's share of ranks.
 
@@ -62,6 +61,8 @@ class Llama:
         prepacked for a faster kernel where there is one (see PackedLinear), which rounds differently;
         `prepack=False` keeps Meta's plain layers. `compile=True` compiles the decode step with torch.compile
         (see llama.optimize.compile_decoding): faster steps after a long first one, single process only.
+        Prompts run in chunks of `prefill_chunk` tokens, each step beside the other sequences' decoding (see
+        llama.engine).
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError("max_seq_len and max_batch_size must be positive integers")
@@ -101,12 +102,13 @@ class Llama:
         if compile:
             compile_decoding(model, autotune=bool(quantize or checkpoint.quantization))
         print(f"Loaded {ckpt_dir} ({checkpoint.num_shards} shard(s) on {world_size} process(es)) in {time.time() - start:.2f} s")
-        return Llama(model, tokenizer)
+        return Llama(model, tokenizer, prefill_chunk=prefill_chunk)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, prefill_chunk: int = PREFILL_CHUNK):
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = chat_format_for(tokenizer)
+        self.engine = Engine(model, prefill_chunk=prefill_chunk)
 
     def generate(
         self,
@@ -140,8 +142,8 @@ class Llama:
     ) -> Iterator[Tuple[int, str]]:
         """Yield `(prompt index, new text)` as each sequence produces text, then `(prompt index, "")` once
         it has finished; see `text_completion` for the rest."""
-        sequences = self._sequences(prompt_tokens, max_gen_len, temperature, top_p, stop, truncate_prompt)
-        for events in self._decode(sequences, temperature, top_p, logprobs=False):
+        requests = self._requests(prompt_tokens, max_gen_len, temperature, top_p, False, stop, truncate_prompt)
+        for events in self._decode(requests):
             yield from events
 
     def stream_text(
@@ -259,16 +261,17 @@ class Llama:
             "logprobs": _returned_logprobs(sequence, echo),
         }
 
-    def _sequences(
+    def _requests(
         self,
         prompt_tokens: List[List[int]],
         max_gen_len: int,
         temperature: float,
         top_p: float,
+        logprobs: bool,
         stop: Sequence[str],
         truncate_prompt: bool = False,
-    ) -> List[GeneratedSequence]:
-        """Check the request and start a sequence per prompt."""
+    ) -> List[Request]:
+        """Check the request and make an engine request per prompt."""
         params = self.model.params
         if not prompt_tokens or any(len(t) == 0 for t in prompt_tokens):
             raise ValueError("give at least one prompt, and no empty prompt")
@@ -288,76 +291,40 @@ class Llama:
         if longest >= params.max_seq_len:
             keep = params.max_seq_len - min(max_gen_len, params.max_seq_len // 2)
             prompt_tokens = [p[-keep:] if len(p) >= params.max_seq_len else p for p in prompt_tokens]
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sampling = SamplingParams(temperature, top_p, logprobs=logprobs, prompt_logprobs=logprobs)
         if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
             raise ValueError("stop must be a list of strings")
-        return [GeneratedSequence(list(p), self.tokenizer, max_gen_len, stop) for p in prompt_tokens]
+        return [Request(p, self.tokenizer, max_gen_len, sampling, stop) for p in prompt_tokens]
 
     def _run(
         self, prompt_tokens, max_gen_len, temperature, top_p, logprobs=False, stop=(), truncate_prompt=False
     ) -> List[GeneratedSequence]:
         """Generate every sequence to its end without streaming."""
-        sequences = self._sequences(prompt_tokens, max_gen_len, temperature, top_p, stop, truncate_prompt)
-        for _ in self._decode(sequences, temperature, top_p, logprobs):
+        requests = self._requests(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop, truncate_prompt)
+        for _ in self._decode(requests):
             pass
-        return sequences
+        return [r.sequence for r in requests]
 
-    @torch.inference_mode()
-    def _decode(
-        self, sequences: List[GeneratedSequence], temperature: float, top_p: float, logprobs: bool
-    ) -> Iterator[List[Tuple[int, str]]]:
-        """The decode loop: after each step, yield `(sequence index, new text)` for the sequences that have some,
-        and `(sequence index, "")` for those that have just finished.
-
-        Prompts advance in lockstep from the shortest one's end: longer prompts are fed their own tokens until
-        they too generate. A finished sequence leaves the batch (its rows of the KV cache are compacted away),
-        and the loop ends when the last one finishes.
-        """
-        max_seq_len = self.model.params.max_seq_len
-        prompt_lens = [len(s.prompt) for s in sequences]
-        total_len = min(max_seq_len, max(s.max_gen_len + n for s, n in zip(sequences, prompt_lens)))
-        device = self.model.rope.device
-
-        tokens = torch.full((len(sequences), total_len), self.tokenizer.pad_id, dtype=torch.long, device=device)
-        for i, prompt in enumerate(prompt_lens):
-            tokens[i, :prompt] = torch.tensor(sequences[i].prompt, dtype=torch.long, device=device)
-        prompt_end = torch.tensor(prompt_lens, device=device)
-        rows = list(range(len(sequences)))  # batch row -> sequence index
-        prev_pos = 0
-        for cur_pos in range(min(prompt_lens), total_len):
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
-            in_prompt = cur_pos < prompt_end
-            next_token = torch.where(in_prompt, tokens[:, cur_pos], sample(logits[:, -1], temperature, top_p))
-            tokens[:, cur_pos] = next_token
-            if logprobs:
-                position_logprobs = _logprobs_of(logits, tokens[:, prev_pos + 1 : cur_pos + 1]).tolist()
-            events, done = [], []
-            for row, (index, token, prompting) in enumerate(zip(rows, next_token.tolist(), in_prompt.tolist())):
-                sequence = sequences[index]
-                if logprobs:
-                    sequence.token_logprobs.extend(position_logprobs[row])
-                if prompting:
-                    continue
-                text = sequence.add(token, context_full=cur_pos + 1 >= max_seq_len)
-                if text:
-                    events.append((index, text))
-                if sequence.finished:
-                    events.append((index, ""))
-                    done.append(row)
-            if events:
-                yield events
-            prev_pos = cur_pos
-            if done:
-                keep = [row for row in range(len(rows)) if row not in done]
-                if not keep:
-                    return
-                rows = [rows[row] for row in keep]
-                keep_index = torch.tensor(keep, device=device)
-                tokens, prompt_end = tokens[keep_index], prompt_end[keep_index]
-                self.model.keep_rows(keep_index)
+    def _decode(self, requests: List[Request]) -> Iterator[List[Tuple[int, str]]]:
+        """Run `requests` through the engine: after each step, yield `(request index, new text)` for the requests
+        that have some, and `(request index, "")` for those that have just finished. Requests left unfinished
+        (the caller stopped reading) are cancelled."""
+        events: List[Tuple[int, str]] = []
+        index_of = {id(request): i for i, request in enumerate(requests)}
+        for request in requests:
+            request.on_text = lambda request, text: events.append((index_of[id(request)], text))
+            self.engine.submit(request)
+        try:
+            while not all(request.finished for request in requests):
+                if not self.engine.step():  # another thread (a server's) ran the step
+                    time.sleep(0.001)
+                if events:
+                    yield list(events)
+                    events.clear()
+        finally:
+            for request in requests:
+                request.cancel()
+            self.engine.release_cancelled()
 
 
 def _returned_logprobs(sequence: GeneratedSequence, echo: bool) -> List[float]:
@@ -367,37 +334,6 @@ def _returned_logprobs(sequence: GeneratedSequence, echo: bool) -> List[float]:
     if not echo:
         return generated
     return [0.0, *sequence.token_logprobs[: len(sequence.prompt) - 1], *generated]
-
-
-def _logprobs_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each target token under logits (bs, seqlen, vocab)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Next token per row of logits (bs, vocab): argmax at temperature 0, else top-p (nucleus) sampling."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    return sample_top_p(probs, top_p).reshape(-1)
-
-
-def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Sample from the smallest set of most likely tokens whose probabilities add up to at least p (the nucleus:
-    each token whose more likely tokens hold at most p), renormalized.
-
-    Only the most likely tokens are sorted, the first of NUCLEUS_GUESSES that holds every row's nucleus, else
-    all: sorting a whole vocabulary can cost more than a decode step."""
-    vocab = probs.shape[-1]
-    for count in (*(min(guess, vocab) for guess in NUCLEUS_GUESSES), vocab):
-        top_probs, top_tokens = torch.topk(probs, count, dim=-1)  # (bs, count), most likely first
-        if count == vocab or bool((top_probs.sum(dim=-1) > p).all()):  # the next token is in no nucleus
-            break
-    mass_before = torch.cumsum(top_probs, dim=-1) - top_probs
-    top_probs[mass_before > p] = 0.0
-    top_probs.div_(top_probs.sum(dim=-1, keepdim=True))
-    choice = torch.multinomial(top_probs, num_samples=1)
-    return torch.gather(top_tokens, -1, choice)
 
 
 def in_prompt_order(stream: Iterable[Tuple[int, str]], count: int) -> Iterator[Tuple[int, str]]:

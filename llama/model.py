@@ -7,7 +7,7 @@ llama.kernels, and a compiled decode step (`compiled_step`).
 import functools
 import math
 from dataclasses import dataclass, fields
-from typing import Callable, Optional
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -162,6 +162,39 @@ def apply_rope(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     return rotated.flatten(-2).type_as(x)
 
 
+class Segment(NamedTuple):
+    """Tokens continuing one cache row: `length` tokens at positions start... of row `slot`."""
+
+    slot: int
+    start: int
+    length: int
+
+
+class RaggedBatch:
+    """Segments of different rows and positions laid end to end in one step (`Transformer.forward_batch`): decode
+    rows of one token and prompt chunks of several, each at its own position."""
+
+    def __init__(self, segments: Sequence[Segment], params: ModelArgs, device: torch.device):
+        for segment in segments:
+            if not (0 <= segment.slot < params.max_batch_size and segment.length > 0 and segment.start >= 0):
+                raise ValueError(f"{segment} is not a cache row of {params.max_batch_size} with tokens")
+            if segment.start + segment.length > params.max_seq_len:
+                raise ValueError(f"{segment} reaches past max_seq_len {params.max_seq_len}")
+        self.segments = list(segments)
+        lengths = [s.length for s in self.segments]
+        self.offsets = [sum(lengths[:i]) for i in range(len(lengths))]  # where each segment's tokens begin
+        self.slots = torch.tensor([s.slot for s in self.segments for _ in range(s.length)], device=device)
+        self.positions = torch.tensor(
+            [p for s in self.segments for p in range(s.start, s.start + s.length)], device=device
+        )
+        # Causal over a chunk's own tokens, every cached position visible; None where Attention needs no mask.
+        self.masks: List[Optional[torch.Tensor]] = [
+            torch.ones(s.length, s.start + s.length, dtype=torch.bool, device=device).tril(diagonal=s.start)
+            if s.length > 1 and s.start > 0 else None
+            for s in self.segments
+        ]
+
+
 class Attention(nn.Module):
     """Grouped-query attention over this rank's heads, with a static KV cache.
 
@@ -201,6 +234,20 @@ class Attention(nn.Module):
         keep_pages_small(self.cache_k)
         keep_pages_small(self.cache_v)
 
+    def _rotated_projections(self, x: torch.Tensor, rope: torch.Tensor):
+        """Queries, keys and values of x (bs, seqlen, dim), queries and keys rotated by `rope`."""
+        bsz, seqlen, _ = x.shape
+        if self.wqkv is None:
+            xqk = torch.cat([self.wq(x), self.wk(x)], dim=-1)
+            xv = self.wv(x)
+        else:
+            kv_width = self.n_local_kv_heads * self.head_dim
+            xqk, xv = self.wqkv(x).split([self.n_local_heads * self.head_dim + kv_width, kv_width], dim=-1)
+        heads = [self.n_local_heads, self.n_local_kv_heads]
+        xqk = apply_rope(xqk.view(bsz, seqlen, sum(heads), self.head_dim), rope)
+        xq, xk = xqk.split(heads, dim=2)  # (bs, seqlen, n_local_heads | n_local_kv_heads, head_dim)
+        return xq, xk, xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -212,23 +259,33 @@ class Attention(nn.Module):
         (seqlen, positions) says which positions each new token sees; None is every position for one token, and
         causal attention from position 0 for several."""
         bsz, seqlen, _ = x.shape
-        if self.wqkv is None:
-            xqk = torch.cat([self.wq(x), self.wk(x)], dim=-1)
-            xv = self.wv(x)
-        else:
-            kv_width = self.n_local_kv_heads * self.head_dim
-            xqk, xv = self.wqkv(x).split([self.n_local_heads * self.head_dim + kv_width, kv_width], dim=-1)
-        heads = [self.n_local_heads, self.n_local_kv_heads]
-        xqk = apply_rope(xqk.view(bsz, seqlen, sum(heads), self.head_dim), rope)
-        xq, xk = xqk.split(heads, dim=2)  # (bs, seqlen, n_local_heads | n_local_kv_heads, head_dim)
-        xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-
+        xq, xk, xv = self._rotated_projections(x, rope)
         end_pos = start_pos + seqlen
         self.cache_k[:bsz, :, start_pos:end_pos] = xk.transpose(1, 2)
         self.cache_v[:bsz, :, start_pos:end_pos] = xv.transpose(1, 2)
         keys = self.cache_k[:bsz, :, :end_pos]  # (bs, n_local_kv_heads, cache_len + seqlen, head_dim)
         values = self.cache_v[:bsz, :, :end_pos]
+        return self.wo(self._attend(xq, keys, values, start_pos, mask))
 
+    def forward_batch(self, x: torch.Tensor, batch: RaggedBatch, rope: torch.Tensor) -> torch.Tensor:
+        """Attention of the segments of `batch`, laid end to end in x (1, tokens, dim), each over its own cache
+        row from its own position. Each segment attends exactly as it would alone, so its results do not depend
+        on the others."""
+        xq, xk, xv = self._rotated_projections(x, rope)
+        self.cache_k[batch.slots, :, batch.positions] = xk[0]  # (tokens, n_local_kv_heads, head_dim)
+        self.cache_v[batch.slots, :, batch.positions] = xv[0]
+        outputs = []
+        for segment, begin, mask in zip(batch.segments, batch.offsets, batch.masks):
+            row, end_pos = slice(segment.slot, segment.slot + 1), segment.start + segment.length
+            keys, values = self.cache_k[row, :, :end_pos], self.cache_v[row, :, :end_pos]
+            queries = xq[:, begin : begin + segment.length]
+            outputs.append(self._attend(queries, keys, values, segment.start, mask))
+        return self.wo(torch.cat(outputs, dim=1))
+
+    def _attend(self, xq, keys, values, start_pos: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Attention of queries xq (bs, seqlen, n_local_heads, head_dim) at positions start_pos... over keys and
+        values (bs, n_local_kv_heads, start_pos + seqlen, head_dim): (bs, seqlen, n_local_heads * head_dim)."""
+        bsz, seqlen = xq.shape[:2]
         if seqlen == 1:
             # Decoding: the query heads sharing a key/value head become the query rows of one attention per
             # key/value head, so keys and values are never repeated (and CPU kernels stay fast for one token).
@@ -244,8 +301,7 @@ class Attention(nn.Module):
             output = F.scaled_dot_product_attention(
                 xq, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True
             ).transpose(1, 2)  # (bs, seqlen, n_local_heads, head_dim)
-        output = output.reshape(bsz, seqlen, -1)  # (bs, seqlen, n_local_heads * head_dim)
-        return self.wo(output)
+        return output.reshape(bsz, seqlen, -1)  # (bs, seqlen, n_local_heads * head_dim)
 
 
 class FeedForward(nn.Module):
@@ -277,6 +333,10 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, start_pos, rope, mask):
         h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward_batch(self, x, batch: RaggedBatch, rope):
+        h = x + self.attention.forward_batch(self.attention_norm(x), batch, rope)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -311,13 +371,6 @@ class Transformer(nn.Module):
             and output.data_ptr() == embedding.data_ptr()
         )
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Compact the KV caches so that batch rows `rows` (in this order) become rows 0, 1, ..."""
-        for layer in self.layers:
-            attention = layer.attention
-            attention.cache_k[: len(rows)] = attention.cache_k[rows]
-            attention.cache_v[: len(rows)] = attention.cache_v[rows]
-
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int, *, last_only: bool = False) -> torch.Tensor:
         """Float32 logits (bs, seqlen, vocab) for `tokens` (bs, seqlen) placed at positions start_pos...
@@ -325,9 +378,7 @@ class Transformer(nn.Module):
         With `last_only`, only the last position's logits are computed: (bs, 1, vocab).
         """
         bsz, seqlen = tokens.shape
-        if self.rope is None:  # Meta's usage: caches made on the first forward
-            with torch.inference_mode(False):  # ordinary tensors, as setup_caches makes them
-                self.setup_caches(self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device)
+        self._make_caches()
         if start_pos + seqlen > self.params.max_seq_len:
             raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len {self.params.max_seq_len}")
         # A one-token prompt (position 0) stays eager: a table of length 1 would compile a graph of its own.
@@ -344,17 +395,37 @@ class Transformer(nn.Module):
             mask = mask.tril(diagonal=start_pos)
         return self._logits(tokens, start_pos, rotations, mask, last_only)
 
+    @torch.inference_mode()
+    def forward_batch(self, tokens: torch.Tensor, batch: RaggedBatch, logit_rows: torch.Tensor) -> torch.Tensor:
+        """Float32 logits (len(logit_rows), vocab) at rows `logit_rows` of `tokens` (n,), the segments of `batch`
+        laid end to end: continuous batching's step. Each segment's results are those it would get alone."""
+        self._make_caches()
+        h = self._embed(tokens[None])  # (1, n, dim)
+        rope = rope_factors(self.rope[batch.positions])
+        for layer in self.layers:
+            h = layer.forward_batch(h, batch, rope)
+        if len(logit_rows) == 0:  # prompt chunks that end no prompt
+            return h.new_empty((0, self.params.vocab_size), dtype=torch.float32)
+        return self.output(self.norm(h[0, logit_rows])).float()
+
     def decode_step(self, tokens: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
         """Logits (bs, 1, vocab) for `tokens` (bs, 1) at the last position of `rotations` (the RoPE table up to
         it): the step llama.optimize.compile_decoding compiles, one graph for every position."""
         start_pos = rotations.shape[0] - 1
         return self._logits(tokens, start_pos, rotations[start_pos:], None)
 
-    def _logits(self, tokens, start_pos, rotations, mask, last_only=False) -> torch.Tensor:
+    def _make_caches(self) -> None:
+        if self.rope is None:  # Meta's usage: caches made on the first forward
+            with torch.inference_mode(False):  # ordinary tensors, as setup_caches makes them
+                self.setup_caches(self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if fs_init.get_model_parallel_world_size() == 1:
-            h = F.embedding(tokens, self.tok_embeddings.weight)  # without fairscale's wrappers
-        else:
-            h = self.tok_embeddings(tokens)
+            return F.embedding(tokens, self.tok_embeddings.weight)  # without fairscale's wrappers
+        return self.tok_embeddings(tokens)
+
+    def _logits(self, tokens, start_pos, rotations, mask, last_only=False) -> torch.Tensor:
+        h = self._embed(tokens)
         rope = rope_factors(rotations)
         for layer in self.layers:
             h = layer(h, start_pos, rope, mask)

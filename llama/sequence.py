@@ -1,7 +1,8 @@
 """One generated sequence: its tokens, and its text released piece by piece as it becomes final."""
 
+import bisect
 import codecs
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from .tokenizer import Tokenizer
 
@@ -19,7 +20,9 @@ class GeneratedSequence:
         self.max_gen_len = max_gen_len
         self.stop = [s for s in stop if s]
         self.tokens: List[int] = []  # generated, without the stop token
-        self.token_logprobs: List[float] = []  # log-probability of every position after the first, prompt included
+        # log-probability of each token: the prompt's after the first (if asked for), then each generated one
+        self.token_logprobs: List[float] = []
+        self.top_logprobs: List[List[Tuple[int, float]]] = []  # the most likely tokens at each generated position
         self.text = ""  # released so far
         self.finish_reason: Optional[str] = None  # "stop" (stop token or string) or "length"
         self.stop_token: Optional[int] = None  # the stop token that ended the sequence, if one did
@@ -31,6 +34,11 @@ class GeneratedSequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def released_tokens(self) -> int:
+        """How many of `tokens` the released text covers whole."""
+        return bisect.bisect_right(self._text_ends, len(self.text))
 
     def add(self, token: int, *, context_full: bool = False) -> str:
         """Take the next generated token; return the text it releases. `context_full`: no room for more."""

@@ -9,7 +9,7 @@ from llama import Llama
 def main(ckpt_dir: str, how: str) -> None:
     generator = Llama.build(ckpt_dir, max_seq_len=64, max_batch_size=1, dtype="float32", device="cpu")
     if int(os.environ["RANK"]) == 1:
-        forward, calls = generator.model.forward, []
+        forward, calls = generator.model.forward_batch, []
 
         def failing_forward(*args, **kwargs):
             calls.append(1)
@@ -19,7 +19,7 @@ def main(ckpt_dir: str, how: str) -> None:
                 raise RuntimeError("rank 1 failed on purpose")
             return forward(*args, **kwargs)
 
-        generator.model.forward = failing_forward
+        generator.model.forward_batch = failing_forward
     generator.text_completion(["Once upon a time"], temperature=0, max_gen_len=40)
 
 

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import TINY_PARAMS, kill_once_writing, random_state_dict, write_checkpoint
+from servers import free_port
 
 from llama import Llama
 from llama.checkpoint import CheckpointError, ShardedCheckpoint
@@ -22,12 +22,6 @@ from llama.reshard import reshard
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 KV4_PARAMS = {**TINY_PARAMS, "n_kv_heads": 4}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def greedy_tokens(ckpt_dir: Path, out: Path, nproc: int = 1, quantize: str = "") -> list:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.generation import NUCLEUS_GUESSES, in_prompt_order, sample
+from llama.generation import in_prompt_order
+from llama.sampling import NUCLEUS_GUESSES, sample
 from llama.kernels import HalfPackedLinear, OneDNNLinear
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "1, 2, 3,"]
@@ -44,28 +45,27 @@ def test_stop_strings_end_each_sequence_on_its_own(generator):
 
 
 def test_finished_sequences_leave_the_batch(generator, monkeypatch):
-    batch_sizes = []
-    forward = generator.model.forward
+    segment_counts = []
+    forward_batch = generator.model.forward_batch
 
-    def recording_forward(tokens, start_pos, **kwargs):
-        batch_sizes.append(tokens.shape[0])
-        return forward(tokens, start_pos, **kwargs)
+    def recording_forward_batch(tokens, batch, logit_rows):
+        segment_counts.append(len(batch.segments))
+        return forward_batch(tokens, batch, logit_rows)
 
-    monkeypatch.setattr(generator.model, "forward", recording_forward)
+    monkeypatch.setattr(generator.model, "forward_batch", recording_forward_batch)
     prompt_tokens = [generator.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    assert sum(map(len, prompt_tokens)) <= generator.engine.prefill_chunk  # every prompt in the first step
     lengths = [2, 9, 5]
-    batched = [
-        generator.generate([p], n, temperature=0)[0][0] for p, n in zip(prompt_tokens, lengths)
-    ]  # each alone, for reference
-    batch_sizes.clear()
-    sequences = generator._sequences(prompt_tokens, 9, 0, 0.9, ())
-    for sequence, n in zip(sequences, lengths):
-        sequence.max_gen_len = n
-    for _ in generator._decode(sequences, 0, 0.9, logprobs=False):
+    alone = [generator.generate([p], n, temperature=0)[0][0] for p, n in zip(prompt_tokens, lengths)]
+    segment_counts.clear()
+    requests = generator._requests(prompt_tokens, 9, 0, 0.9, False, ())
+    for request, n in zip(requests, lengths):
+        request.sequence.max_gen_len = n
+    for _ in generator._decode(requests):
         pass
-    assert [s.tokens for s in sequences] == batched
-    assert batch_sizes[-1] == 1 and sorted(batch_sizes, reverse=True) == batch_sizes
-    assert len(batch_sizes) == max(len(p) for p in prompt_tokens) - min(len(p) for p in prompt_tokens) + 9
+    assert [r.sequence.tokens for r in requests] == alone
+    steps = [len(r.sequence.tokens) + (r.sequence.stop_token is not None) for r in requests]  # tokens sampled
+    assert segment_counts == [sum(n >= step for n in steps) for step in range(1, max(steps) + 1)]
 
 
 def test_max_gen_len_none_fills_the_context(generator):
