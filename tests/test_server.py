@@ -40,7 +40,7 @@ def ask(client, question: str, **options):
     return client.chat.completions.create(messages=[{"role": "user", "content": question}], **options)
 
 
-def streamed(client, question: str, max_tokens: int = 12) -> str:
+def streamed(client, question: str, max_tokens: int = 8) -> str:
     stream = ask(client, question, max_tokens=max_tokens, stream=True)
     return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
 
@@ -57,8 +57,8 @@ def test_chat_completion_counts_its_tokens(client, demo):
 
 
 def test_stream_adds_up_to_the_reply_and_ends_with_usage(client):
-    whole = ask(client, QUESTIONS[1], max_tokens=20)
-    chunks = list(ask(client, QUESTIONS[1], max_tokens=20, stream=True, stream_options={"include_usage": True}))
+    whole = ask(client, QUESTIONS[1], max_tokens=12)
+    chunks = list(ask(client, QUESTIONS[1], max_tokens=12, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
@@ -66,11 +66,11 @@ def test_stream_adds_up_to_the_reply_and_ends_with_usage(client):
 
 
 def test_stop_strings_seed_and_logprobs(client):
-    whole = ask(client, QUESTIONS[2], max_tokens=30).choices[0].message.content
+    whole = ask(client, QUESTIONS[2], max_tokens=20).choices[0].message.content
     stop = whole[8:12]
-    cut = ask(client, QUESTIONS[2], max_tokens=30, stop=[stop])
+    cut = ask(client, QUESTIONS[2], max_tokens=20, stop=[stop])
     assert cut.choices[0].message.content == whole[: whole.find(stop)] and cut.choices[0].finish_reason == "stop"
-    sampled = [ask(client, QUESTIONS[3], max_tokens=16, seed=7, temperature=1.0).choices[0].message.content
+    sampled = [ask(client, QUESTIONS[3], max_tokens=10, seed=7, temperature=1.0).choices[0].message.content
                for _ in range(2)]
     assert sampled[0] == sampled[1]
     reply = ask(client, QUESTIONS[3], max_tokens=6, logprobs=True, top_logprobs=3)
