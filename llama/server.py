@@ -14,7 +14,7 @@ import time
 import traceback
 import uuid
 from importlib import resources
-from typing import AsyncIterator, Callable, List, Optional, Tuple
+from typing import AsyncIterator, List, Optional, Tuple
 
 import torch.distributed as dist
 from fastapi import Depends, FastAPI, Request as HTTPRequest
