@@ -26,9 +26,11 @@ def main(
     max_gen_len: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    speculate: Optional[str] = None,
 ):
     """Dialogs are lists of {"role", "content"} messages; the model writes the next assistant message.
-    Without `ckpt_dir`, chats with the demo model, replies capped at DEMO_MAX_GEN_LEN tokens by default."""
+    Without `ckpt_dir`, chats with the demo model, replies capped at DEMO_MAX_GEN_LEN tokens by default.
+    `--speculate lookup` (or a draft model's directory) decodes speculatively, as in Llama.build."""
     if ckpt_dir is None:
         ckpt_dir = str(demo_checkpoint_dir())
         max_gen_len = DEMO_MAX_GEN_LEN if max_gen_len is None else max_gen_len
@@ -39,6 +41,7 @@ def main(
         max_batch_size=max_batch_size,
         device=device,
         dtype=dtype,
+        speculate=speculate,
     )
     dialogs: List[Dialog] = [
         [{"role": "user", "content": "What is the capital of France?"}],

@@ -23,9 +23,11 @@ def main(
     max_batch_size: int = 4,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    speculate: Optional[str] = None,
 ):
     """Prompts are plain text the model continues; `tokenizer_path` defaults to ckpt_dir/tokenizer.model.
-    Without `ckpt_dir`, uses the demo model."""
+    Without `ckpt_dir`, uses the demo model. `--speculate lookup` (or a draft model's directory) decodes
+    speculatively, as in Llama.build."""
     generator = Llama.build(
         ckpt_dir=ckpt_dir or demo_checkpoint_dir(),
         tokenizer_path=tokenizer_path,
@@ -33,6 +35,7 @@ def main(
         max_batch_size=max_batch_size,
         device=device,
         dtype=dtype,
+        speculate=speculate,
     )
     prompts = [
         # For these prompts, the expected answer is the natural continuation of the prompt

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from .chat_format import Message
 from .generation import Llama
 from .optimize import warm_up_decoding
+from .speculation import DRAFT_TOKENS
 
 HELP = "Commands: /reset, /system <text>, /exit. Ctrl-C stops an answer, Ctrl-D quits."
 
@@ -102,17 +103,20 @@ def chat(
     dtype: Optional[str] = None,
     quantize: Optional[str] = None,
     compile: bool = False,
+    speculate: Optional[str] = None,
+    speculate_tokens: int = DRAFT_TOKENS,
 ) -> None:
     """Chat with a model in the terminal.
 
-    The bundled demo model unless --ckpt_dir; --quantize int8|int4 and --compile as in Llama.build."""
+    The bundled demo model unless --ckpt_dir; --quantize int8|int4, --compile, --speculate lookup|DRAFT_DIR and
+    --speculate_tokens as in Llama.build."""
     if ckpt_dir is None:
         from .demo import demo_checkpoint_dir
 
         ckpt_dir = str(demo_checkpoint_dir())
     generator = Llama.build(
         ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, device=device, dtype=dtype,
-        quantize=quantize, compile=compile,
+        quantize=quantize, compile=compile, speculate=speculate, speculate_tokens=speculate_tokens,
     )
     session = ChatSession(generator, system=system, max_gen_len=max_gen_len)
     # Ctrl-C stops an answer even if this process was started with SIGINT ignored (as background jobs are).

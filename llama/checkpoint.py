@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
+from torch import nn
 
 from .model import ModelArgs
 from .pages import release_pages
@@ -188,6 +189,8 @@ def _equal_releasing(a: torch.Tensor, b: torch.Tensor) -> bool:
     """torch.equal(a, b) in blocks of rows, releasing each block of `a` (memory-mapped) once compared."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():  # one storage, as Meta's tied files save it
+        return True
     rows = max(1, COPY_BLOCK_BYTES // max(a[0].numel() * a.element_size(), 1))
     for row in range(0, a.shape[0], rows):
         equal = torch.equal(a[row : row + rows], b[row : row + rows])
@@ -303,16 +306,40 @@ class ShardedCheckpoint:
         return result
 
     def rank_state_dict(
-        self, rank: int, world_size: int, dtype: torch.dtype, device: torch.device
+        self, rank: int, world_size: int, dtype: torch.dtype, device: torch.device, keys: Optional[List[str]] = None
     ) -> Dict[str, torch.Tensor]:
-        """Every parameter's part for `rank` of `world_size`; a tied output projection is the embedding's tensor."""
+        """Every parameter's part (or those of `keys`) for `rank` of `world_size`; a tied output projection is the
+        embedding's tensor."""
         state = {}
-        for key in self.layout:
-            if key == OUTPUT_KEY and self.tied_output:
+        for key in self.layout if keys is None else keys:
+            if key == OUTPUT_KEY and self.tied_output and EMBEDDING_KEY in state:
                 state[key] = state[EMBEDDING_KEY]  # both split by vocabulary rows: the same part on every rank
             else:
                 state[key] = self.read(key, rank, world_size, dtype, device)
         return state
+
+    def load_into(
+        self,
+        module: nn.Module,
+        rank: int,
+        world_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        prefix: str = "",
+        *,
+        linear: Optional[bool] = None,
+    ) -> None:
+        """Give `module` (a model built without its weights, or its submodule named `prefix`) each tensor's part
+        for `rank` of `world_size`, as `dtype` on `device` (see `read`).
+
+        `linear=False` loads all but the linear layers' weights (a tied output projection's, the embedding's
+        tensor, comes with the others), `linear=True` only those: a model can then load one block's at a time
+        (see llama.quantized_linear.quantize_model)."""
+        late = set(linear_weight_keys(self.layout)) - ({OUTPUT_KEY} if self.tied_output else set())
+        keys = [prefix + name for name in module.state_dict(keep_vars=True)]
+        keys = [key for key in keys if linear is None or (key in late) == linear]
+        state = self.rank_state_dict(rank, world_size, dtype, device, keys)
+        module.load_state_dict({key[len(prefix) :]: tensor for key, tensor in state.items()}, assign=True, strict=False)
 
 
 def md5sum(path: Path) -> str:

@@ -1,6 +1,7 @@
 """`llama <command>` (also `python -m llama <command>`): every tool of this repo under one command."""
 
 from .bench import bench
+from .bench_speculation import bench_speculation
 from .chat import chat
 from .command import run_cli
 from .convert import COMMANDS as CONVERSIONS
@@ -20,6 +21,7 @@ COMMANDS = {
     "eval": evaluate,
     "bench": bench,
     "bench_serve": bench_serve,
+    "bench_speculation": bench_speculation,
     "soak": soak,
 }
 

@@ -3,7 +3,7 @@
     python -m llama.convert from_gguf --gguf_path model.gguf --out_dir D [--dtype bfloat16]
     python -m llama.convert from_hf --hf_dir X --out_dir D [--dtype bfloat16]
     python -m llama.convert to_hf --ckpt_dir X --out_dir D [--dtype bfloat16] [--max_shard_bytes N]
-    python -m llama.convert to_gguf --ckpt_dir X --out_path model.gguf [--file_type f16|f32|bf16|q8_0]
+    python -m llama.convert to_gguf --ckpt_dir X --out_path model.gguf [--file_type f16|f32|bf16|q8_0|q4_0]
 
 from_gguf and from_hf write a Meta checkpoint directory (params.json, consolidated.00.pth, tokenizer.model,
 tokenizer_spec.json unless the tokenizer is Meta's Llama 3 one, checklist.chk). to_hf writes a Hugging Face

@@ -4,7 +4,7 @@ Meta checkpoint directory in a cache folder, so the examples run with no downloa
 import importlib.util
 import os
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 from .gguf_import import convert_gguf
 
@@ -31,25 +31,35 @@ def cache_root(cache_dir: Union[str, Path, None] = None) -> Path:
 
 
 def demo_checkpoint_dir(cache_dir: Union[str, Path, None] = None) -> Path:
-    """The demo model as a Meta checkpoint directory, converted on first use.
+    """The demo model as a Meta checkpoint directory, converted on first use (see built_once)."""
 
-    Concurrent first calls (e.g. several torchrun ranks) each convert into a private staging directory and
-    rename it into place; only the first rename lands and the others use its result.
-    """
-    out_dir = cache_root(cache_dir) / DEMO_DIR_NAME
-    if _complete(out_dir):
-        return out_dir
-    gguf_path = demo_gguf_path()
-    if os.environ.get("RANK", "0") == "0":
-        print(f"Converting the demo model {gguf_path.name} into {out_dir} (once)")
-    try:
+    def convert(out_dir: Path) -> None:
+        gguf_path = demo_gguf_path()
+        if os.environ.get("RANK", "0") == "0":
+            print(f"Converting the demo model {gguf_path.name} into {out_dir} (once)")
         convert_gguf(gguf_path, out_dir)
-    except OSError:  # another process's directory landed first
-        if not _complete(out_dir):
+
+    return built_once(cache_root(cache_dir) / DEMO_DIR_NAME, convert)
+
+
+def built_once(path: Path, build: Callable[[Path], object]) -> Path:
+    """`path`, first built by `build(path)` unless it is there already.
+
+    `build` must rename a complete file, or a directory with its checklist.chk, into place (write_atomically,
+    staged_directory). Concurrent first calls (e.g. several torchrun ranks) each build privately; only the first
+    rename lands and the others use its result.
+    """
+    if is_built(path):
+        return path
+    try:
+        build(path)
+    except OSError:  # another process's result landed first
+        if not is_built(path):
             raise
-    return out_dir
+    return path
 
 
-def _complete(ckpt_dir: Path) -> bool:
-    """A converted directory is complete once it exists: it is renamed into place with its checklist written."""
-    return (ckpt_dir / "checklist.chk").is_file()
+def is_built(path: Path) -> bool:
+    """Whether `path` is complete: a file or a directory appears only once complete, a directory with its
+    checklist.chk."""
+    return path.is_file() or (path / "checklist.chk").is_file()

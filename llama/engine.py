@@ -10,19 +10,25 @@ Results do not depend on the other requests: each segment attends alone, the flo
 row the same whatever the batch (see kernels.batch_invariant_linear), prompts are cut into chunks at fixed
 positions (multiples of `prefill_chunk`, however many run in a step), and a prompt reuses a free slot's cached
 prefix only in whole chunks that an earlier prompt computed the same way (prefix reuse).
+
+With a drafter (llama.speculation), each decoding request's segment carries its last token and up to
+`draft_tokens` drafts, which attend as decode steps would (`Segment.rowwise`), and the request takes the drafts
+the model accepts plus one token of its own. Rejected drafts' keys and values stay in the cache beyond the
+request's `fed` tokens, where nothing reads them before they are overwritten.
 """
 
 import collections
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Deque, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from .model import RaggedBatch, Segment, Transformer
 from .sampling import SamplingParams, logprobs_of, sample, top_logprobs
 from .sequence import GeneratedSequence
+from .speculation import DRAFT_TOKENS, Draft, check_speculation, verify
 from .tokenizer import Tokenizer
 
 PREFILL_CHUNK = 32
@@ -61,6 +67,7 @@ class Request:
         self.arrived = time.perf_counter()
         self.first_token_at: Optional[float] = None
         self.generator: Optional[torch.Generator] = None
+        self.draft_limit: Optional[int] = None  # drafts to ask for next (speculative decoding), set by the engine
 
     @property
     def prompt(self) -> List[int]:
@@ -83,6 +90,16 @@ class _Slot:
     last_used: int = 0
 
 
+class _Fed(NamedTuple):
+    """A segment of a step: `count` tokens of `request` fed from row `first_row` of the plan, with `draft` the
+    drafts among them (None for a step without speculation)."""
+
+    request: Request
+    first_row: int
+    count: int
+    draft: Optional[Draft] = None
+
+
 @dataclass
 class StepPlan:
     """What one step feeds the model: `tokens` of `segments` end to end, and the rows whose logits it needs."""
@@ -101,10 +118,16 @@ class Engine:
         *,
         prefill_chunk: int = PREFILL_CHUNK,
         max_queue: Optional[int] = None,
+        drafter=None,
+        draft_tokens: int = DRAFT_TOKENS,
     ):
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk}")
+        check_speculation(None, draft_tokens)
         self.model = model
+        self.drafter = drafter  # PromptLookup, DraftModel or None: see llama.speculation
+        self.draft_tokens = draft_tokens
+        self.drafted = self.accepted = 0  # drafts proposed and accepted so far
         self.params = model.params
         self.prefill_chunk = prefill_chunk
         self.max_queue = max(64, model.params.max_batch_size) if max_queue is None else max_queue
@@ -170,7 +193,10 @@ class Engine:
         with self._lock:
             self._drop_cancelled()
             self._admit()
-            plan, rows = self._plan()
+            decoding = [r for r in self._running if r.fed >= len(r.prompt)]
+        drafts = self._draft(decoding)  # outside the lock: a draft model runs forwards
+        with self._lock:
+            plan, rows = self._plan(drafts)
         if not plan.segments:
             return False
         try:
@@ -178,7 +204,7 @@ class Engine:
                 self.before_run(plan)
             logits = self.run_step(plan)
         except Exception as error:  # the step's requests end with the error; the others are untouched
-            for request in dict.fromkeys(request for request, _, _ in rows):
+            for request in dict.fromkeys(fed.request for fed in rows):
                 request.error = f"{type(error).__name__}: {error}"
                 with self._lock:
                     self._release(request)
@@ -235,14 +261,35 @@ class Engine:
             common += 1
         return common - common % self.prefill_chunk
 
-    def _plan(self) -> Tuple[StepPlan, List[Tuple[Request, int, int]]]:
-        """Every decoding request's next token, then prompt chunks in order of admission: prefill_chunk tokens
-        while others decode (so their next tokens wait for little), IDLE_PREFILL_CHUNKS chunks when none does;
-        with (request, first token row, token count) per segment."""
+    def _draft(self, decoding: List[Request]) -> Dict[int, Draft]:
+        """The drafter's proposals for the decoding requests, by id, each as many as fit the request's
+        remaining tokens and context."""
+        if self.drafter is None or not decoding:
+            return {}
+        counts = [
+            max(0, min(r.draft_limit or self.draft_tokens, r.sequence.max_gen_len - len(r.sequence.tokens) - 1,
+                       self.params.max_seq_len - r.fed - 1))
+            for r in decoding
+        ]
+        drafts = self.drafter.propose(decoding, counts)
+        return {id(r): draft for r, draft in zip(decoding, drafts) if draft.tokens}
+
+    def _plan(self, drafts: Dict[int, Draft]) -> Tuple[StepPlan, List[_Fed]]:
+        """Every decoding request's next token (and its drafts), then prompt chunks in order of admission:
+        prefill_chunk tokens while others decode (so their next tokens wait for little), IDLE_PREFILL_CHUNKS
+        chunks when none does."""
         plan, rows = StepPlan([], [], []), []
         decoding = [r for r in self._running if r.fed >= len(r.prompt)]
         for request in decoding:
-            self._add_segment(plan, rows, request, request.fed, request.fed + 1)
+            draft = drafts.get(id(request))
+            if draft is None:
+                self._add_segment(plan, rows, request, request.fed, request.fed + 1)
+                continue
+            first_row, count = len(plan.tokens), 1 + len(draft.tokens)
+            plan.tokens.extend([request.tokens[request.fed], *draft.tokens])
+            plan.segments.append(Segment(request.slot, request.fed, count, rowwise=True))
+            plan.logit_rows.extend(range(first_row, first_row + count))
+            rows.append(_Fed(request, first_row, count, draft))
         budget = self.prefill_chunk * (1 if decoding else IDLE_PREFILL_CHUNKS)
         for request in (r for r in self._running if r.fed < len(r.prompt)):
             start = request.fed
@@ -262,22 +309,25 @@ class Engine:
         first_row = len(plan.tokens)
         plan.tokens.extend(request.tokens[start:end])
         plan.segments.append(Segment(request.slot, start, end - start))
-        rows.append((request, first_row, end - start))
+        rows.append(_Fed(request, first_row, end - start))
         if request.sampling.prompt_logprobs and start < len(request.prompt):
             plan.logit_rows.extend(range(first_row, end - start + first_row))
         elif end >= len(request.prompt):
             plan.logit_rows.append(first_row + end - start - 1)
 
-    def _advance(self, plan: StepPlan, rows: List[Tuple[Request, int, int]], logits: torch.Tensor) -> None:
+    def _advance(self, plan: StepPlan, rows: List[_Fed], logits: torch.Tensor) -> None:
         """Record what each segment fed, sample the next token of each request that needs one, and release the
         finished."""
         logit_index = {row: i for i, row in enumerate(plan.logit_rows)}
-        for request, first_row, count in rows:
+        for request, first_row, count, draft in rows:
             slot = self._slots[request.slot]
             start = request.fed
+            slot.last_used = self._steps
+            if draft is not None:
+                self._take_verified(request, draft, logits[logit_index[first_row] : logit_index[first_row] + count])
+                continue
             request.fed += count
             slot.tokens[start:] = request.tokens[start : request.fed]
-            slot.last_used = self._steps
             if request.fed <= len(request.prompt) and request.fed % self.prefill_chunk == 0:
                 slot.exact = request.fed  # a whole chunk of prompt
             if request.sampling.prompt_logprobs and start < len(request.prompt):
@@ -291,9 +341,32 @@ class Engine:
                 continue
             self._sample(request, logits[logit_index[first_row + count - 1]])
 
+    def _take_verified(self, request: Request, draft: Draft, logits: torch.Tensor) -> None:
+        """Give `request` the tokens the model's `logits` at its last token and drafts verify, one at a time as
+        plain decoding would (its cache then holds the last token and the accepted drafts)."""
+        start = request.fed
+        tokens = verify(logits, draft, request.sampling, request.generator)
+        accepted = len(tokens) - 1
+        self.drafted += len(draft.tokens)
+        self.accepted += accepted
+        # Twice the drafts after a step that accepted them all, else one more than it accepted: each draft costs a
+        # row, wasted when rejected, and a single draft next to nothing.
+        request.draft_limit = min(self.draft_tokens, 2 * accepted if accepted == len(draft.tokens) else accepted + 1)
+        for i, token in enumerate(tokens):
+            request.fed = start + 1 + i
+            self._slots[request.slot].tokens[start:] = request.tokens[start : request.fed]
+            self._emit(request, token, logits[i])
+            if request.finished:
+                break
+
     def _sample(self, request: Request, logits: torch.Tensor) -> None:
-        sampling, sequence = request.sampling, request.sequence
+        sampling = request.sampling
         token = int(sample(logits[None], sampling.temperature, sampling.top_p, request.generator)[0])
+        self._emit(request, token, logits)
+
+    def _emit(self, request: Request, token: int, logits: torch.Tensor) -> None:
+        """Add `token`, drawn from `logits`, to `request`: its log-probabilities, its text, and its end."""
+        sampling, sequence = request.sampling, request.sequence
         if sampling.logprobs or sampling.prompt_logprobs:
             sequence.token_logprobs.append(float(logprobs_of(logits, torch.tensor(token, device=logits.device))))
         if sampling.top_logprobs:

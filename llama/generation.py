@@ -8,7 +8,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, TypedDic
 
 import torch
 
-from .checkpoint import CheckpointError, ShardedCheckpoint, read_params
+from .checkpoint import CheckpointError, ShardedCheckpoint, read_params, read_quantization
 from .model import ModelArgs, Transformer
 from .optimize import compile_decoding, fuse_projections, optimize_for_inference, skip_weight_init
 from .pages import release_pages
@@ -17,6 +17,7 @@ from .parallel import init_model_parallel, pick_device, pick_dtype
 from .engine import PREFILL_CHUNK, Engine, Request
 from .sampling import SamplingParams
 from .sequence import GeneratedSequence
+from .speculation import DRAFT_TOKENS, LOOKUP, DraftModel, PromptLookup, check_speculation
 from .chat_format import Dialog, Message, chat_format_for, check_dialog, check_turn_order
 from .tokenizer import Tokenizer
 from .tool_calls import Tool
@@ -50,6 +51,8 @@ class Llama:
         prepack: bool = True,
         compile: bool = False,
         prefill_chunk: int = PREFILL_CHUNK,
+        speculate: Optional[Union[str, Path]] = None,
+        speculate_tokens: int = DRAFT_TOKENS,
     ) -> "Llama":
         """Load a Meta checkpoint directory (params.json, consolidated.NN.pth) on this process's share of ranks.
 
@@ -63,9 +66,16 @@ class Llama:
         (see llama.optimize.compile_decoding): faster steps after a long first one, single process only.
         Prompts run in chunks of `prefill_chunk` tokens, each step beside the other sequences' decoding (see
         llama.engine).
+
+        `speculate` decodes speculatively (see llama.speculation), `speculate_tokens` drafts a step: "lookup"
+        drafts from earlier text (prompt lookup), a checkpoint directory names a small draft model with the
+        same tokenizer (a Llama 3.2 1B for a 3.1 8B), built like this one. Greedy tokens stay those of plain
+        decoding (exactly in float32 on the CPU, where products do not depend on the batch; elsewhere up to
+        their rounding), and sampling keeps the model's distribution.
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError("max_seq_len and max_batch_size must be positive integers")
+        check_speculation(speculate, speculate_tokens)
         start = time.time()
         ckpt_dir = Path(ckpt_dir)
         device = pick_device(device)
@@ -91,24 +101,52 @@ class Llama:
         model.requires_grad_(False)
         if checkpoint.quantization:
             int8_layers_for_loading(model)
-        model.load_state_dict(checkpoint.rank_state_dict(rank, world_size, dtype, device), assign=True, strict=True)
+        place = (rank, world_size, dtype, device)
+        quantizing = bool(quantize) and not checkpoint.quantization
+        checkpoint.load_into(model, *place, linear=False if quantizing else None)
         if checkpoint.quantization:
             fuse_projections(model, release=release_pages)
-        elif quantize:
-            quantize_model(model, quantize, release=release_pages)  # the loaded weights are the model's own
+        elif quantize:  # each block's linear weights read and quantized in turn, their pages released
+            load = lambda module, prefix: checkpoint.load_into(module, *place, prefix, linear=True)  # noqa: E731
+            quantize_model(model, quantize, release_pages, load)
         elif prepack:
             optimize_for_inference(model, release=release_pages, traceable=compile)
         model.setup_caches(dtype, device)
         if compile:
             compile_decoding(model, autotune=bool(quantize or checkpoint.quantization))
         print(f"Loaded {ckpt_dir} ({checkpoint.num_shards} shard(s) on {world_size} process(es)) in {time.time() - start:.2f} s")
-        return Llama(model, tokenizer, prefill_chunk=prefill_chunk)
+        drafter = None
+        if speculate == LOOKUP:
+            drafter = PromptLookup()
+        elif speculate is not None:  # the draft model, built alike
+            draft = Llama.build(
+                speculate, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                model_parallel_size=model_parallel_size, seed=seed, device=device,
+                dtype=dtype, quantize=None if read_quantization(Path(speculate)) else quantize, prepack=prepack,
+            )
+            if not draft.tokenizer.same_as(tokenizer):
+                raise ValueError(
+                    f"the draft model in {speculate} has another tokenizer than the model's: draft with a model of "
+                    f"the same family (the same tokenizer.model), or speculate='lookup'"
+                )
+            drafter = DraftModel(draft.model)
+        return Llama(model, tokenizer, prefill_chunk=prefill_chunk, drafter=drafter, draft_tokens=speculate_tokens)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        prefill_chunk: int = PREFILL_CHUNK,
+        drafter=None,
+        draft_tokens: int = DRAFT_TOKENS,
+    ):
+        """`drafter` (a llama.speculation PromptLookup or DraftModel) decodes speculatively, `draft_tokens` drafts
+        a step."""
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = chat_format_for(tokenizer)
-        self.engine = Engine(model, prefill_chunk=prefill_chunk)
+        self.engine = Engine(model, prefill_chunk=prefill_chunk, drafter=drafter, draft_tokens=draft_tokens)
 
     def generate(
         self,

@@ -1,4 +1,4 @@
-"""Write a Meta checkpoint directory as one llama.cpp GGUF file (F32, F16, BF16 or Q8_0 weights), e.g. to run the
+"""Write a Meta checkpoint directory as one llama.cpp GGUF file (F32, F16, BF16, Q8_0 or Q4_0 weights), e.g. to run the
 same weights in llama.cpp next to this repo (`python -m llama.bench --systems ours,llama.cpp`).
 
     python -m llama.convert to_gguf --ckpt_dir X --out_path model.gguf [--file_type q8_0]
@@ -28,6 +28,7 @@ FILE_TYPES = {
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
 NORMAL_TOKEN = 1  # llama.cpp's token type of ordinary vocabulary entries
 
@@ -91,7 +92,7 @@ def _encoded(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarr
 def export_gguf(ckpt_dir: Union[str, Path], out_path: Union[str, Path], file_type: str = "f16") -> Path:
     """Write a Meta checkpoint as one GGUF file for llama.cpp.
 
-    Any number of shards; the matrices in --file_type (f32, f16, bf16 or q8_0). Returns `out_path`."""
+    Any number of shards; the matrices in --file_type (f32, f16, bf16, q8_0 or q4_0). Returns `out_path`."""
     if file_type not in FILE_TYPES:
         raise ValueError(f"unknown --file_type {file_type!r}: use one of {', '.join(FILE_TYPES)}")
     qtype, llama_file_type = FILE_TYPES[file_type]

@@ -163,11 +163,14 @@ def apply_rope(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 
 
 class Segment(NamedTuple):
-    """Tokens continuing one cache row: `length` tokens at positions start... of row `slot`."""
+    """Tokens continuing one cache row: `length` tokens at positions start... of row `slot`. A `rowwise` segment's
+    tokens each attend as a decode step of one token would (speculative decoding's drafts, verified together,
+    then get the results plain decoding gives them)."""
 
     slot: int
     start: int
     length: int
+    rowwise: bool = False
 
 
 class RaggedBatch:
@@ -190,7 +193,7 @@ class RaggedBatch:
         # Causal over a chunk's own tokens, every cached position visible; None where Attention needs no mask.
         self.masks: List[Optional[torch.Tensor]] = [
             torch.ones(s.length, s.start + s.length, dtype=torch.bool, device=device).tril(diagonal=s.start)
-            if s.length > 1 and s.start > 0 else None
+            if s.length > 1 and s.start > 0 and not s.rowwise else None
             for s in self.segments
         ]
 
@@ -276,10 +279,15 @@ class Attention(nn.Module):
         self.cache_v[batch.slots, :, batch.positions] = xv[0]
         outputs = []
         for segment, begin, mask in zip(batch.segments, batch.offsets, batch.masks):
-            row, end_pos = slice(segment.slot, segment.slot + 1), segment.start + segment.length
-            keys, values = self.cache_k[row, :, :end_pos], self.cache_v[row, :, :end_pos]
-            queries = xq[:, begin : begin + segment.length]
-            outputs.append(self._attend(queries, keys, values, segment.start, mask))
+            row = slice(segment.slot, segment.slot + 1)
+            # A rowwise segment's tokens attend one by one, each over the positions up to its own.
+            parts = [(segment.start + i, 1) for i in range(segment.length)] if segment.rowwise else [
+                (segment.start, segment.length)
+            ]
+            for start, length in parts:
+                keys, values = self.cache_k[row, :, : start + length], self.cache_v[row, :, : start + length]
+                queries = xq[:, begin + start - segment.start : begin + start - segment.start + length]
+                outputs.append(self._attend(queries, keys, values, start, mask))
         return self.wo(torch.cat(outputs, dim=1))
 
     def _attend(self, xq, keys, values, start_pos: int, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -3,7 +3,7 @@ step compiled with torch.compile. Each changes how the model computes, never wha
 
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
@@ -13,8 +13,11 @@ from torch import nn
 
 from .kernels import PACK_BLOCK_BYTES, DirectLinear, as_rank_linear, packing_for
 from .model import Transformer
+from .pages import file_mapped
 
 Release = Optional[Callable[[torch.Tensor], None]]
+# Loads the weights of a module named by a prefix (see convert_linear_layers).
+Load = Optional[Callable[[nn.Module, str], None]]
 
 
 @contextlib.contextmanager
@@ -54,30 +57,57 @@ def _fused(parent: nn.Module, names: List[str], release: Release) -> nn.Module:
     return fused
 
 
+def fuse_block(layer: nn.Module, release: Release = None) -> None:
+    """Make the TransformerBlock `layer`'s wq, wk, wv one layer `attention.wqkv` and its w1, w3 one layer
+    `feed_forward.w13`: one matrix product each instead of three and two. The fused layer's weight (and any other
+    per-row tensor, such as int8 scales) stacks a rank's rows of each. `release`, if given, is called on the
+    originals once copied."""
+    attention, feed_forward = layer.attention, layer.feed_forward
+    attention.wqkv = _fused(attention, ["wq", "wk", "wv"], release)
+    feed_forward.w13 = _fused(feed_forward, ["w1", "w3"], release)
+
+
 def fuse_projections(model: Transformer, release: Release = None) -> None:
-    """Make wq, wk, wv one layer `attention.wqkv` and w1, w3 one layer `feed_forward.w13`: one matrix product
-    each instead of three and two. The fused layer's weight (and any other per-row tensor, such as int8 scales)
-    stacks a rank's rows of each. `release`, if given, is called on the originals once copied."""
+    """Fuse the projections of every block of `model` (see fuse_block)."""
     for layer in model.layers:
-        attention, feed_forward = layer.attention, layer.feed_forward
-        attention.wqkv = _fused(attention, ["wq", "wk", "wv"], release)
-        feed_forward.w13 = _fused(feed_forward, ["w1", "w3"], release)
+        fuse_block(layer, release)
+
+
+def row_blocks(weight: torch.Tensor, rows: int, release: Release = None) -> Iterator[Tuple[int, torch.Tensor]]:
+    """(first row, block) for each block of `rows` rows of `weight`, each `release`d (if given) once the loop
+    has used it: converting a weight this way needs one block's temporaries, and frees its source as it goes."""
+    for begin in range(0, weight.shape[0], rows):
+        block = weight[begin : begin + rows]
+        yield begin, block
+        if release is not None:
+            release(block)
+
+
+Convert = Callable[[nn.Module, torch.Tensor, Release], None]
 
 
 def convert_linear_layers(
-    model: Transformer, convert: Callable[[nn.Module, torch.Tensor], None], release: Release = None
+    model: Transformer, convert: Convert, release: Release = None, load: Load = None
 ) -> None:
-    """Fuse the projections, then call `convert(layer, weight)` on every linear layer, which must then compute
-    with `weight` in its own way. `release`, if given, is called on every weight once it is no longer needed
-    (never on a tied output projection's: it is the embedding)."""
-    fuse_projections(model, release)
+    """Call `convert(layer, weight, release)` on every linear layer, which must then compute with `weight` in its own
+    way and pass each block of rows of `weight` to `release` (if not None) once used; one block at a time, its
+    projections fused first (see fuse_block), then the output projection. `release`, if given, frees memory no
+    longer needed; a tied output projection's weight, the embedding, gets it only where its pages read back from
+    a file (see llama.pages.file_mapped). `load(module, prefix)`, if given, first loads the weights of each block
+    (`layers.N.`) and then of the output projection (`output.`), for models loaded as they are converted: only
+    one block's unconverted weights are then held at a time."""
     tied = model.output_is_tied()
-    for module in linear_layers(model):
-        weight = module.weight.detach()
-        del module.weight
-        convert(module, weight)
-        if release is not None and not (tied and module is model.output):
-            release(weight)
+    parts = [(f"layers.{i}.", layer) for i, layer in enumerate(model.layers)]
+    for prefix, module in [*parts, ("output.", model.output)]:
+        if load is not None:
+            load(module, prefix)
+        if module is not model.output:
+            fuse_block(module, release)
+        for linear in linear_layers(module):
+            weight = linear.weight.detach()
+            del linear.weight
+            shared = tied and linear is model.output and not file_mapped(weight)
+            convert(linear, weight, None if shared else release)
 
 
 def _pack(module: nn.Module, kernel: type, release: Release) -> None:
@@ -86,12 +116,7 @@ def _pack(module: nn.Module, kernel: type, release: Release) -> None:
     weight = module.weight.detach()
     del module.weight
     rows = max(1, PACK_BLOCK_BYTES // (weight.shape[1] * weight.element_size()))
-    blocks = []
-    for begin in range(0, weight.shape[0], rows):
-        blocks.append(kernel.pack_block(weight[begin : begin + rows]))
-        if release is not None:
-            release(weight[begin : begin + rows])
-    module.blocks = blocks
+    module.blocks = [kernel.pack_block(block) for _, block in row_blocks(weight, rows, release)]
     as_rank_linear(module, kernel)
 
 

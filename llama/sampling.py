@@ -54,7 +54,15 @@ def sample(
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Sample from the smallest set of most likely tokens whose probabilities add up to at least p (the nucleus:
-    each token whose more likely tokens hold at most p), renormalized.
+    each token whose more likely tokens hold at most p), renormalized."""
+    top_probs, top_tokens = nucleus(probs, p)
+    choice = torch.multinomial(top_probs, num_samples=1, generator=generator)
+    return torch.gather(top_tokens, -1, choice)
+
+
+def nucleus(probs: torch.Tensor, p: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The top-p distribution of each row of probs (bs, vocab) over its most likely tokens: (renormalized
+    probabilities, zero outside the nucleus; their tokens), both (bs, count), most likely first.
 
     Only the most likely tokens are sorted, the first of NUCLEUS_GUESSES that holds every row's nucleus, else
     all: sorting a whole vocabulary can cost more than a decode step."""
@@ -65,9 +73,16 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
             break
     mass_before = torch.cumsum(top_probs, dim=-1) - top_probs
     top_probs[mass_before > p] = 0.0
-    top_probs.div_(top_probs.sum(dim=-1, keepdim=True))
-    choice = torch.multinomial(top_probs, num_samples=1, generator=generator)
-    return torch.gather(top_tokens, -1, choice)
+    return top_probs.div_(top_probs.sum(dim=-1, keepdim=True)), top_tokens
+
+
+def distribution(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The probabilities (bs, vocab) that `sample` draws each row's next token from, for temperature > 0."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p >= 1:
+        return probs
+    top_probs, top_tokens = nucleus(probs, top_p)
+    return torch.zeros_like(probs).scatter_(-1, top_tokens, top_probs)
 
 
 def logprobs_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import uvicorn
 from .engine import PREFILL_CHUNK
 from .generation import Llama
 from .server import EngineThread, create_app, follow
+from .speculation import DRAFT_TOKENS, LOOKUP
 
 
 def serve(
@@ -27,23 +28,29 @@ def serve(
     quantize: Optional[str] = None,
     api_key: Optional[str] = None,
     model_name: Optional[str] = None,
+    speculate: Optional[str] = None,
+    speculate_tokens: int = DRAFT_TOKENS,
 ) -> None:
     """Serve a model over OpenAI's HTTP API (chat, completions, streaming), many clients at once.
 
     The demo model unless --ckpt_dir. --max_batch_size requests run together, --max_queue more wait. With
     --api_key (or LLAMA_API_KEY) /v1 needs `Authorization: Bearer <key>`. Binds to 127.0.0.1 unless --host.
-    Under torchrun, rank 0 serves and every rank computes."""
+    Under torchrun, rank 0 serves and every rank computes. --speculate lookup|DRAFT_DIR and --speculate_tokens as
+    in Llama.build (a draft model on one process only: the other ranks follow rank 0's steps, not its drafts)."""
     if not isinstance(port, int) or not 0 <= port < 65536:
         raise ValueError(f"--port must be a port number, got {port!r}")
     if not isinstance(max_queue, int) or max_queue < 0:
         raise ValueError(f"--max_queue must be a non-negative integer, got {max_queue!r}")
+    if speculate not in (None, LOOKUP) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("a draft model serves on one process only: use --speculate lookup under torchrun")
     if ckpt_dir is None:
         from .demo import demo_checkpoint_dir
 
         ckpt_dir = str(demo_checkpoint_dir())
     generator = Llama.build(
         ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
-        dtype=dtype, quantize=quantize, prefill_chunk=prefill_chunk,
+        dtype=dtype, quantize=quantize, prefill_chunk=prefill_chunk, speculate=speculate,
+        speculate_tokens=speculate_tokens,
     )
     generator.engine.max_queue = max_queue
     distributed = dist.get_world_size() > 1

@@ -139,6 +139,7 @@ class Tokenizer:
             spec_path = Path(model_path).with_name(SPEC_FILE)
             spec = TokenizerSpec.load(spec_path) if spec_path.is_file() else TokenizerSpec.llama3(len(mergeable_ranks))
         self.spec = spec
+        self._ranks = mergeable_ranks
         self.special_tokens = dict(spec.special_tokens)
         try:
             self.model = tiktoken.Encoding(
@@ -154,6 +155,10 @@ class Tokenizer:
         self.eos_id: int = self.special_tokens[spec.eos_token]
         self.pad_id: int = self.special_tokens[spec.pad_token]
         self.stop_tokens = {self.special_tokens[name] for name in spec.stop_tokens}
+
+    def same_as(self, other: "Tokenizer") -> bool:
+        """Whether `other` turns every text into the same tokens and back: the same ranks and spec."""
+        return self.spec == other.spec and self._ranks == other._ranks
 
     def encode(
         self,

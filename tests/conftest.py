@@ -28,3 +28,19 @@ def tiny_ckpt(tmp_path_factory, tiny_state) -> Path:
     import torch
 
     return write_checkpoint(tmp_path_factory.mktemp("tiny"), TINY_PARAMS, tiny_state, 1, dtype=torch.float32)
+
+
+
+@pytest.fixture(scope="session")
+def small_q4_0_gguf(tmp_path_factory) -> Path:
+    """A small random model with tied embeddings and a 262-token vocabulary (tests/gguf_files.py), converted to a
+    Meta checkpoint and exported as a Q4_0 GGUF file: quick to export and to read back, unlike Llama 3's
+    vocabulary."""
+    from gguf_files import write_gguf
+
+    from llama.gguf_export import export_gguf
+    from llama.gguf_import import convert_gguf
+
+    tmp = tmp_path_factory.mktemp("small-q4_0")
+    ckpt_dir = convert_gguf(write_gguf(tmp / "small.gguf"), tmp / "meta")
+    return export_gguf(ckpt_dir, tmp / "small-q4_0.gguf", "q4_0")

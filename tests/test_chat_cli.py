@@ -78,8 +78,9 @@ def test_long_history_drops_oldest_turns(tiny_ckpt):
     assert child.exitstatus == 0
 
 
-def test_demo_chat_answers_about_paris(demo_ckpt, demo_cache):
-    child = start_chat(None, "--max_gen_len", "40", env={"LLAMA_CACHE": str(demo_cache), "OMP_NUM_THREADS": "1"})
+def test_demo_chat_answers_about_paris_speculating(demo_ckpt, demo_cache):
+    env = {"LLAMA_CACHE": str(demo_cache), "OMP_NUM_THREADS": "1"}
+    child = start_chat(None, "--max_gen_len", "40", "--speculate", "lookup", env=env)
     child.sendline("What is the capital of France?")
     child.expect("\n> ")
     assert "Paris" in child.before

@@ -10,7 +10,7 @@ import pytest
 from llama.cli import COMMANDS
 
 ROOT = Path(__file__).parent.parent
-TOOLS = ["chat", "serve", "convert", "reshard", "quantize", "eval", "bench", "bench_serve", "soak"]
+TOOLS = ["chat", "serve", "convert", "reshard", "quantize", "eval", "bench", "bench_serve", "bench_speculation", "soak"]
 
 
 def run(*args: str, module: str = "llama") -> subprocess.CompletedProcess:

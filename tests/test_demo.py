@@ -17,12 +17,12 @@ from llama.demo import DEMO_DIR_NAME, demo_checkpoint_dir
 REPO = Path(__file__).parents[1]
 
 
-def test_chat_example_without_arguments_answers_about_paris(demo_ckpt, demo_cache):
+def test_chat_example_without_a_checkpoint_answers_about_paris(demo_ckpt, demo_cache):
     # One thread: on a busy 2-core machine, two threads per process slow this small model's decoding tenfold.
     env = {**os.environ, "LLAMA_CACHE": str(demo_cache), "OMP_NUM_THREADS": "1"}
     start = time.time()
     result = subprocess.run(
-        [sys.executable, "example_chat_completion.py", "--max_gen_len", "24"],
+        [sys.executable, "example_chat_completion.py", "--max_gen_len", "24", "--speculate", "lookup"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,4 +1,5 @@
-"""Meta checkpoint to GGUF: the demo against its published GGUF, Llama 3 round trips, Q8_0 within its error."""
+"""Meta checkpoint to GGUF: the demo against its published GGUF, Llama 3 round trips, Q8_0 and Q4_0 within their
+error."""
 
 import json
 
@@ -72,21 +73,36 @@ def test_llama3_round_trip(tiny_ckpt, tmp_path, tokenizer):
         assert round_tripped.encode(text, bos=True, eos=False) == tokenizer.encode(text, bos=True, eos=False)
 
 
-def test_q8_0_export_is_within_its_rounding(tiny_ckpt, tmp_path):
-    reader = gguf.GGUFReader(export_gguf(tiny_ckpt, tmp_path / "tiny.gguf", "q8_0"))
-    exported = tensors_of(reader)
-    types = {t.name: t.tensor_type for t in reader.tensors}
-    for key, tensor in state_of(tiny_ckpt).items():
+def assert_within_rounding(path, ckpt_dir, qtype, tolerance) -> None:
+    """Every matrix of `ckpt_dir`'s GGUF export `path` is stored as `qtype`, each value within `tolerance(largest
+    magnitude of its block of 32)` of the checkpoint's, and every norm as the same F32 values; a tied output
+    projection is left out."""
+    reader = gguf.GGUFReader(path)
+    exported, types = tensors_of(reader), {t.name: t.tensor_type for t in reader.tensors}
+    for key, tensor in state_of(ckpt_dir).items():
         name = gguf_name(key)
         if tensor.dim() == 1:
             assert types[name] == gguf.GGMLQuantizationType.F32 and torch.equal(exported[name], tensor)
-            continue
-        assert types[name] == gguf.GGMLQuantizationType.Q8_0
-        blocks = tensor.reshape(-1, 32)
-        # A step of max|x|/127 per 32 values, stored in fp16: half a step of error, plus up to 127 steps times
-        # the step's relative rounding (2^-11).
-        tolerance = blocks.abs().amax(-1, keepdim=True) / 127 * (0.5 + 127 * 2**-11)
-        assert ((exported[name].reshape(-1, 32) - blocks).abs() <= tolerance + 1e-7).all(), key
+        elif name in types or key != "output.weight":
+            assert types[name] == qtype
+            blocks = tensor.reshape(-1, 32)
+            error = (exported[name].reshape(-1, 32) - blocks).abs()
+            assert (error <= tolerance(blocks.abs().amax(-1, keepdim=True)) + 1e-7).all(), key
+
+
+def test_q8_0_export_is_within_its_rounding(tiny_ckpt, tmp_path):
+    # A step of max|x|/127 per 32 values, stored in fp16: half a step of error, plus up to 127 steps times the
+    # step's relative rounding (2^-11).
+    path = export_gguf(tiny_ckpt, tmp_path / "tiny.gguf", "q8_0")
+    assert_within_rounding(path, tiny_ckpt, gguf.GGMLQuantizationType.Q8_0, lambda top: top / 127 * (0.5 + 127 * 2**-11))
+
+
+def test_q4_0_export_is_within_its_rounding(small_q4_0_gguf):
+    # A step of max|x|/8 per 32 values, stored in fp16: up to a step of error (the end opposite the largest
+    # magnitude rounds to 8 steps, kept at 7), plus up to 8 steps times the step's relative rounding (2^-11).
+    assert "output.weight" not in {t.name for t in gguf.GGUFReader(small_q4_0_gguf).tensors}  # tied
+    ckpt_dir = small_q4_0_gguf.parent / "meta"
+    assert_within_rounding(small_q4_0_gguf, ckpt_dir, gguf.GGMLQuantizationType.Q4_0, lambda top: top / 8 * (1 + 8 * 2**-11))
 
 
 def test_bad_requests_are_clear_errors_and_leave_nothing(tiny_ckpt, tmp_path):

@@ -5,7 +5,7 @@ import sys
 import torch
 
 from llama import Llama
-from llama.pages import keep_pages_small, release_pages
+from llama.pages import file_mapped, keep_pages_small, release_pages
 
 
 def vm_flags(address: int) -> list:
@@ -43,6 +43,16 @@ def test_release_pages_drops_the_contents():
     middle = weights[(4 << 20) : (12 << 20)]
     assert middle.sum() == 0  # anonymous memory reads back as zeros
     assert weights[:4096].all() and weights[-4096:].all()  # pages only partly inside are kept
+
+
+def test_file_mapped_tells_a_checkpoints_pages_from_other_memory(tmp_path):
+    values = torch.arange(1 << 20, dtype=torch.float32)
+    torch.save({"weight": values}, tmp_path / "shard.pth")
+    mapped = torch.load(tmp_path / "shard.pth", mmap=True, weights_only=True)["weight"]
+    assert file_mapped(mapped) and file_mapped(mapped[4096:])
+    assert not file_mapped(mapped.clone()) and not file_mapped(values) and not file_mapped(values[:0])
+    release_pages(mapped)
+    assert torch.equal(mapped, values)  # read back from the file
 
 
 def test_kv_caches_stay_in_small_pages(tiny_ckpt):

@@ -7,14 +7,17 @@ import pytest
 import torch
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+from checkpoints import TINY_PARAMS, write_checkpoint
+
 from llama import Llama
-from llama import kernels, optimize
+from llama import generation, kernels, optimize, quantized_linear
 from llama.kernels import DirectLinear, HalfPackedLinear, PackedLinear
 from llama.checkpoint import CheckpointError
 from llama.hf import export_hf
+from llama.pages import file_mapped
 from llama.eval import perplexity
 from llama.quantize import write_quantized
-from llama.quantized_linear import int8_linear, quantize_weight, quantize_weight_int4
+from llama.quantized_linear import int8_linear, quantize_model, quantize_weight, quantize_weight_int4
 
 
 def test_quantized_weight_round_trips_within_half_a_step():
@@ -47,6 +50,48 @@ def test_int4_weight_is_within_half_a_step():
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5)).bfloat16()
     out = torch._weight_int4pack_mm_for_cpu(x, packed, 32, scales_and_offsets)
     torch.testing.assert_close(out.float(), x.float() @ used.T, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantizing_in_row_blocks_is_exact(monkeypatch, dtype):
+    """Blocks of rows (int4: of whole packing groups) quantize as the whole weight at once, source untouched."""
+    weight = torch.randn(1000 - 8, 128, generator=torch.Generator().manual_seed(7)).to(dtype)
+    source = weight.clone()
+    row_max = weight.float().abs().amax(dim=1) * 1.5  # a shard's rows, longer elsewhere
+    whole = [quantize_weight(weight), quantize_weight(weight, row_max), quantize_weight_int4(weight, 32)]
+    scale = weight.float().abs().amax(dim=1) / 127
+    assert torch.equal(whole[0][0], torch.round(weight.float() / scale[:, None]).to(torch.int8))
+    monkeypatch.setattr(quantized_linear, "QUANTIZE_BLOCK_BYTES", 64 * 128 * 4)  # 64-row blocks
+    released = []
+    blocked = [quantize_weight(weight, release=released.append), quantize_weight(weight, row_max)]
+    blocked.append(quantize_weight_int4(weight, 32))
+    assert [len(block) for block in released] == [64] * 15 + [32]
+    for expected, got in zip(whole, blocked):
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert torch.equal(weight, source)
+
+
+@pytest.mark.parametrize("tied, method", [(True, "int8"), (False, "int4")])
+def test_quantizing_as_blocks_load_gives_the_quantized_loaded_model(
+    tmp_path, monkeypatch, tokenizer, tiny_state, tiny_ckpt, tied, method
+):
+    """Llama.build quantizes each block as it loads and releases its sources: the same tensors as quantizing the
+    whole model once loaded, from a tied bfloat16 checkpoint used in place (its embedding's pages released
+    after quantizing the output from them) or a float32 one converted."""
+    monkeypatch.setattr(generation, "Tokenizer", lambda path: tokenizer)  # built once
+    ckpt = tiny_ckpt
+    if tied:
+        state = {key: tensor for key, tensor in tiny_state.items() if key != "output.weight"}
+        ckpt = write_checkpoint(tmp_path / "tied", TINY_PARAMS, state, 1, torch.bfloat16)
+    build = dict(max_seq_len=16, max_batch_size=1, dtype="bfloat16")
+    quantized = Llama.build(ckpt, quantize=method, **build).model
+    assert file_mapped(quantized.tok_embeddings.weight) == tied
+    loaded = quantized.state_dict()
+    model = Llama.build(ckpt, prepack=False, **build).model
+    quantize_model(model, method)
+    expected = model.state_dict()
+    assert list(loaded) == list(expected)
+    assert all(torch.equal(loaded[key], expected[key]) for key in expected)
 
 
 def test_int4_model_tracks_the_float_model(tiny_ckpt, tokenizer):

@@ -59,14 +59,14 @@ def test_bad_serve_options_are_one_line_errors():
     assert result.returncode == 1 and result.stderr.strip() == "error: --port must be a port number, got 70000"
 
 
-def test_three_ranks_answer_as_one_process_and_a_dead_rank_ends_the_server(demo_ckpt):  # noqa: F811
+def test_three_ranks_speculating_answer_as_one_process_and_a_dead_rank_ends_the_server(demo_ckpt):  # noqa: F811
     generator = Llama.build(demo_ckpt, max_seq_len=256, max_batch_size=4, dtype="float32")
     expected = [r["generation"]["content"] for r in generator.chat_completion(
         [[{"role": "user", "content": q}] for q in QUESTIONS], temperature=0, max_gen_len=16)]
     port = free_port()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
     server = start(launcher + ["-m", "llama", "serve", "--ckpt_dir", str(demo_ckpt), "--max_seq_len", "256",
-                               "--max_batch_size", "4", "--dtype", "float32"], port)
+                               "--max_batch_size", "4", "--dtype", "float32", "--speculate", "lookup"], port)
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}", server)
         assert answers(port) == expected
