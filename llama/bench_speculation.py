@@ -166,9 +166,10 @@ def bench_speculation(
     threads: Optional[int] = None,
     out: Optional[str] = "bench-speculation.json",
 ) -> None:
-    """Greedy decoding speed with prompt lookup against plain decoding, ours and llama.cpp's, on an editing task
-    and a chat question. The demo model unless --ckpt_dir; --systems from ours, ours+lookup, llama.cpp,
-    llama.cpp+lookup."""
+    """Benchmark prompt-lookup speculative decoding against plain decoding, ours and llama.cpp's.
+
+    Greedy, on an editing task and a chat question; the demo model unless --ckpt_dir; --systems from ours,
+    ours+lookup, llama.cpp, llama.cpp+lookup."""
     if isinstance(systems, str):
         systems = systems.split(",")
     unknown = [s for s in systems if s not in SYSTEMS]

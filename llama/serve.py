@@ -35,8 +35,7 @@ def serve(
 
     The demo model unless --ckpt_dir. --max_batch_size requests run together, --max_queue more wait. With
     --api_key (or LLAMA_API_KEY) /v1 needs `Authorization: Bearer <key>`. Binds to 127.0.0.1 unless --host.
-    Under torchrun, rank 0 serves and every rank computes. --speculate lookup|DRAFT_DIR and --speculate_tokens as
-    in Llama.build (a draft model on one process only: the other ranks follow rank 0's steps, not its drafts)."""
+    Under torchrun, rank 0 serves and every rank computes. --speculate lookup|DRAFT_DIR as in Llama.build."""
     if not isinstance(port, int) or not 0 <= port < 65536:
         raise ValueError(f"--port must be a port number, got {port!r}")
     if not isinstance(max_queue, int) or max_queue < 0:
