@@ -14,7 +14,7 @@ from gguf_files import DIM, FFN, HEADS, KV_HEADS, LAYERS, TOKENS, write_gguf
 import llama.bench
 import llama.shapes
 from llama.bench import (
-    METRICS, _LlamaCpp, _prompts, bench, decode_weight_bytes, gguf_decode_bytes, gguf_tensor_bytes, markdown_table,
+    METRICS, _prompts, bench, decode_weight_bytes, gguf_decode_bytes, gguf_tensor_bytes, markdown_table,
     parse_system, prepare_checkpoint, summarize,
 )
 from llama.command import run_cli
@@ -131,14 +131,6 @@ def test_llama_cpp_reads_its_gguf_tensors_bytes(small_q4_0_gguf, tmp_path):
     for qtype in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q4_0):
         path = write_gguf(tmp_path / f"{qtype.name}.gguf", qtype)
         assert gguf_tensor_bytes(path) == {t.name: int(t.n_bytes) for t in gguf.GGUFReader(path).tensors}
-
-
-def test_llama_cpp_runs_q4_0_to_the_full_length_of_each_prompt(small_q4_0_gguf):
-    pytest.importorskip("llama_cpp")
-    system = "llama.cpp+q4_0"
-    spec = {"system": system, "gguf_paths": {system: str(small_q4_0_gguf)}, "max_seq_len": 32, "threads": 1}
-    llama_cpp = _LlamaCpp(spec, 1)
-    assert llama_cpp.generate([[1, 2, 3], [1, 2, 3, 4]], 5) == [5, 5]
 
 
 def test_a_shapes_checkpoint_and_exports_are_written_once(tmp_path, monkeypatch):
