@@ -10,15 +10,13 @@ same tokenizer.
 
 from array import array
 from pathlib import Path
-from typing import TYPE_CHECKING, List, NamedTuple, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Protocol, Sequence, Union
 
 import torch
 
 from .model import RaggedBatch, Segment, Transformer
 from .sampling import SamplingParams, distribution
 
-if TYPE_CHECKING:  # the engine imports this module
-    from .engine import Request
 
 LOOKUP = "lookup"
 DRAFT_TOKENS = 8
@@ -33,6 +31,15 @@ def check_speculation(speculate: Optional[Union[str, Path]], draft_tokens: int) 
         raise ValueError(f"speculate must be {LOOKUP!r} or a draft model's checkpoint directory, got {speculate!r}")
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
         raise ValueError(f"the number of draft tokens must be a positive integer, got {draft_tokens!r}")
+
+
+class Drafting(Protocol):
+    """What a drafter reads of a sequence (an engine Request): its tokens so far, its cache row, its sampling."""
+
+    tokens: List[int]
+    slot: Optional[int]
+    sampling: SamplingParams
+    generator: Optional[torch.Generator]
 
 
 class Draft(NamedTuple):
@@ -105,7 +112,7 @@ class PromptLookup:
             raise ValueError(f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
-    def propose(self, requests: Sequence["Request"], counts: Sequence[int]) -> List[Draft]:
+    def propose(self, requests: Sequence[Drafting], counts: Sequence[int]) -> List[Draft]:
         return [Draft(prompt_lookup(r.tokens, c, self.max_ngram, self.min_ngram)) for r, c in zip(requests, counts)]
 
 
@@ -128,7 +135,7 @@ class DraftModel:
         self.device = model.tok_embeddings.weight.device
         self._cached: List[List[int]] = [[] for _ in range(model.params.max_batch_size)]  # tokens per slot
 
-    def propose(self, requests: Sequence["Request"], counts: Sequence[int]) -> List[Draft]:
+    def propose(self, requests: Sequence[Drafting], counts: Sequence[int]) -> List[Draft]:
         drafts = [Draft([], [] if r.sampling.temperature else None) for r in requests]
         feeds = {}  # index of a drafting request -> tokens to feed next
         for i, (request, count) in enumerate(zip(requests, counts)):
@@ -159,7 +166,7 @@ class DraftModel:
         return [Draft(d.tokens, torch.stack(d.probs) if d.probs else None) for d in drafts]
 
     @staticmethod
-    def _choose(request: "Request", logits: torch.Tensor, draft: Draft) -> int:
+    def _choose(request: Drafting, logits: torch.Tensor, draft: Draft) -> int:
         sampling = request.sampling
         if not sampling.temperature:
             return int(logits.argmax())
